@@ -170,13 +170,12 @@ def site_params(sites: list[Site]) -> int:
     return 2 * sum(s.channels for s in sites)
 
 
-def input_size(model: nn.Module) -> tuple[int, int, int]:
+def input_size(model: nn.Module) -> tuple[int, ...]:
     """(C, H, W) the model takes: a fixed patch-embed size wins over the (possibly stale) pretrained_cfg."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    c, h, w = cfg.get("input_size", (3, 224, 224))
+    size = tuple(int(d) for d in cfg.get("input_size", (3, 224, 224)))
     for module in model.modules():
         fixed = getattr(module, "img_size", None) if isinstance(module, timm.layers.PatchEmbed) else None
-        if fixed is not None and getattr(module, "strict_img_size", True):
-            h, w = fixed
-            break
-    return int(c), int(h), int(w)
+        if fixed is not None and getattr(module, "strict_img_size", True) and len(size) == 3:
+            return (size[0], int(fixed[0]), int(fixed[1]))
+    return size
