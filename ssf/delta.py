@@ -92,7 +92,7 @@ class Delta:
             out[f"sites.{path}.shift"] = shift.detach().float().cpu().contiguous()
         for name, t in self.head.items():
             out[f"head.{name}"] = t.detach().float().cpu().contiguous()
-        return out
+        return dict(sorted(out.items()))  # canonical order: the same delta always has the same bytes
 
 
 def delta_to_bytes(delta: Delta) -> bytes:
