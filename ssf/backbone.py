@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import safetensors.torch
 import timm
@@ -33,7 +34,7 @@ def create_backbone(
     """
     if not timm.is_model(name):
         raise BackboneError(f"timm does not know a model named {name!r} (see timm.list_models())")
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     if weights is None and not pretrained:
         return timm.create_model(name, pretrained=False, **kwargs)
     if weights is None:
@@ -80,7 +81,9 @@ def backbone_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The frozen backbone's state_dict: no head, no attached SSF sites."""
     head = head_prefix(model) + "."
     return {
-        k: v for k, v in model.state_dict().items() if not k.startswith(head) and not k.startswith(CONTAINER + ".")
+        k: v
+        for k, v in model.state_dict().items()
+        if not k.startswith(head) and not k.startswith(CONTAINER + ".")
     }
 
 

@@ -39,8 +39,16 @@ MAX_LABEL_CHARS = 256
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 METHODS = ("ssf", "linear", "bias")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_REQUIRED = ("format", "format_version", "task", "backbone", "backbone_fingerprint", "site_scheme", "method",
-             "labels")
+_REQUIRED = (
+    "format",
+    "format_version",
+    "task",
+    "backbone",
+    "backbone_fingerprint",
+    "site_scheme",
+    "method",
+    "labels",
+)
 
 
 class DeltaError(ValueError):
@@ -141,7 +149,9 @@ def _labels(meta: Mapping[str, str]) -> list[str]:
     if len(labels) > MAX_LABELS:
         raise DeltaError("too_many_labels", f"{len(labels)} labels; at most {MAX_LABELS} are allowed")
     if not all(isinstance(x, str) and 0 < len(x) <= MAX_LABEL_CHARS for x in labels):
-        raise DeltaError("invalid_labels", f"every label must be a string of 1 to {MAX_LABEL_CHARS} characters")
+        raise DeltaError(
+            "invalid_labels", f"every label must be a string of 1 to {MAX_LABEL_CHARS} characters"
+        )
     return labels
 
 
@@ -156,10 +166,13 @@ def _check_metadata(meta: Any) -> dict[str, str]:
     if meta["format_version"] != FORMAT_VERSION:
         raise DeltaError(
             "unsupported_version",
-            f"format_version {meta['format_version'][:20]!r} is not supported (this build reads {FORMAT_VERSION})",
+            f"format_version {meta['format_version'][:20]!r} is not supported "
+            f"(this build reads {FORMAT_VERSION})",
         )
     if meta["method"] not in METHODS:
-        raise DeltaError("invalid_metadata", f"method {meta['method'][:40]!r} does not fold; expected {METHODS}")
+        raise DeltaError(
+            "invalid_metadata", f"method {meta['method'][:40]!r} does not fold; expected {METHODS}"
+        )
     return meta
 
 
@@ -183,12 +196,16 @@ def parse_delta(data: bytes, max_bytes: int = MAX_DELTA_BYTES) -> Delta:
         if name.startswith("sites.") and name.endswith((".scale", ".shift")):
             path, kind = name[len("sites.") :].rsplit(".", 1)
             if t.dim() != 1:
-                raise DeltaError("invalid_shape", f"tensor {name!r} has shape {tuple(t.shape)}; expected (C,)")
+                raise DeltaError(
+                    "invalid_shape", f"tensor {name!r} has shape {tuple(t.shape)}; expected (C,)"
+                )
             sites.setdefault(path, {})[kind] = t
         elif name.startswith("head.") and len(name) > len("head."):
             head[name[len("head.") :]] = t
         else:
-            raise DeltaError("unexpected_tensor", f"tensor {name!r} is neither sites.<path>.scale|shift nor head.*")
+            raise DeltaError(
+                "unexpected_tensor", f"tensor {name!r} is neither sites.<path>.scale|shift nor head.*"
+            )
     pairs = {}
     for path, d in sites.items():
         if set(d) != {"scale", "shift"}:
@@ -257,13 +274,16 @@ def check_compatible(delta: Delta, spec: BackboneSpec) -> None:
         raise DeltaError(
             "fingerprint_mismatch",
             f"delta was trained on backbone {delta.backbone!r} with fingerprint "
-            f"{delta.backbone_fingerprint[:23]}..., this server runs {spec.model!r} with {spec.fingerprint[:23]}...",
+            f"{delta.backbone_fingerprint[:23]}..., this server runs {spec.model!r} "
+            f"with {spec.fingerprint[:23]}...",
         )
     _check_sites(delta, spec)
     expected = spec.head_shapes(delta.num_classes)
     if set(delta.head) != set(expected):
         missing, extra = sorted(set(expected) - set(delta.head)), sorted(set(delta.head) - set(expected))
-        raise DeltaError("invalid_head", f"head tensors do not match the model: missing {missing}, extra {extra}")
+        raise DeltaError(
+            "invalid_head", f"head tensors do not match the model: missing {missing}, extra {extra}"
+        )
     classifier = delta.head.get(spec.classifier_key)
     if classifier is not None and classifier.shape[0] != delta.num_classes:
         raise DeltaError(
@@ -273,7 +293,8 @@ def check_compatible(delta: Delta, spec: BackboneSpec) -> None:
     for name, shape in expected.items():
         if tuple(delta.head[name].shape) != shape:
             raise DeltaError(
-                "invalid_shape", f"head tensor {name!r} has shape {tuple(delta.head[name].shape)}; expected {shape}"
+                "invalid_shape",
+                f"head tensor {name!r} has shape {tuple(delta.head[name].shape)}; expected {shape}",
             )
 
 
@@ -284,13 +305,18 @@ def _check_sites(delta: Delta, spec: BackboneSpec) -> None:
     missing = [p for p in want if p not in delta.sites]
     extra = [p for p in delta.sites if p not in want]
     if extra:
-        raise DeltaError("unknown_site", f"delta has {len(extra)} sites this backbone lacks, e.g. {extra[0]!r}")
+        raise DeltaError(
+            "unknown_site", f"delta has {len(extra)} sites this backbone lacks, e.g. {extra[0]!r}"
+        )
     if missing:
-        raise DeltaError("missing_site", f"delta lacks {len(missing)} of the backbone's sites, e.g. {missing[0]!r}")
+        raise DeltaError(
+            "missing_site", f"delta lacks {len(missing)} of the backbone's sites, e.g. {missing[0]!r}"
+        )
     for path, (scale, _) in delta.sites.items():
         if scale.numel() != want[path]:
             raise DeltaError(
-                "invalid_shape", f"site {path!r} has {scale.numel()} channels; the backbone's op has {want[path]}"
+                "invalid_shape",
+                f"site {path!r} has {scale.numel()} channels; the backbone's op has {want[path]}",
             )
 
 
@@ -303,7 +329,9 @@ def load_delta(
     else:
         path = Path(source)
         if path.stat().st_size > max_bytes:
-            raise DeltaError("delta_too_large", f"{path.name} is {path.stat().st_size} bytes; the limit is {max_bytes}")
+            raise DeltaError(
+                "delta_too_large", f"{path.name} is {path.stat().st_size} bytes; the limit is {max_bytes}"
+            )
         data = path.read_bytes()
     delta = parse_delta(data, max_bytes)
     if spec is not None:

@@ -27,7 +27,9 @@ def _scaled(t: torch.Tensor, scale: torch.Tensor, shape: Sequence[int]) -> torch
     return (t.float() * scale.float().view(*shape)).to(t.dtype)
 
 
-def _shifted(b: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _shifted(
+    b: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor, like: torch.Tensor
+) -> torch.Tensor:
     if b is None:  # the op had no bias (qkv_bias=False, PatchMerging.reduction, convs before BN)
         return shift.to(device=like.device, dtype=like.dtype).clone()
     return (b.float() * scale.float() + shift.float()).to(b.dtype)
@@ -46,7 +48,10 @@ def fold_site(
         }
     if site.fold == "affine":
         w = base[f"{p}.weight"]
-        return {f"{p}.weight": _scaled(w, scale, (-1,)), f"{p}.bias": _shifted(base[f"{p}.bias"], scale, shift, w)}
+        return {
+            f"{p}.weight": _scaled(w, scale, (-1,)),
+            f"{p}.bias": _shifted(base[f"{p}.bias"], scale, shift, w),
+        }
     if site.fold == "alpha_beta":
         alpha, beta = base[f"{p}.alpha"], base[f"{p}.beta"]
         return {
@@ -104,7 +109,9 @@ def merge_model(model: nn.Module) -> nn.Module:
     container = getattr(model, CONTAINER)
     affines: list[SiteAffine] = list(container.values())
     sites = [a.site for a in affines]
-    tensors = {a.site.path: (a.scale.detach(), a.shift.detach()) for a in affines if isinstance(a, ScaleShift)}
+    tensors = {
+        a.site.path: (a.scale.detach(), a.shift.detach()) for a in affines if isinstance(a, ScaleShift)
+    }
     plain = copy.deepcopy(model)
     detach_sites(plain)
     base = plain.state_dict()
@@ -117,6 +124,7 @@ def merge_model(model: nn.Module) -> nn.Module:
         for site in residual:
             scale, shift = tensors[site.path]
             target = kept[site.path.replace(".", "/")]
+            assert isinstance(target, ScaleShift)
             target.scale.data.copy_(scale)
             target.shift.data.copy_(shift)
     plain.requires_grad_(False)

@@ -37,7 +37,9 @@ def ssf_demo_vit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
         raise RuntimeError("ssf_demo_vit has no hub weights; pass --weights assets/demo/backbone.safetensors")
     args: dict[str, Any] = dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3)
     return build_model_with_cfg(
-        VisionTransformer, "ssf_demo_vit", pretrained=False, pretrained_filter_fn=checkpoint_filter_fn,
+        VisionTransformer,
+        "ssf_demo_vit",
+        pretrained=False,
+        pretrained_filter_fn=checkpoint_filter_fn,
         **dict(args, **kwargs),
     )
-

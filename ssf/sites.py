@@ -62,7 +62,8 @@ class Site:
 
 
 _NORM_ACT = tuple(
-    getattr(timm.layers, n) for n in ("BatchNormAct2d", "GroupNormAct", "LayerNormAct", "LayerNormAct2d")
+    getattr(timm.layers, n)
+    for n in ("BatchNormAct2d", "GroupNormAct", "LayerNormAct", "LayerNormAct2d")
     if hasattr(timm.layers, n)
 )
 _CHANNELS_FIRST_LN = tuple(
@@ -159,7 +160,7 @@ def _paper_sites(model: nn.Module, generic: list[Site]) -> list[Site]:
         return [s for s in generic if ".downsample" not in s.path]
     if fam == "convnext":
         kept = [s for s in generic if ".downsample" not in s.path]
-        channels = model.num_features  # type: ignore[attr-defined]
+        channels = getattr(model, "num_features")  # noqa: B009  (a timm attribute mypy cannot see)
         # The final site sits on the residual stream after the last stage and cannot fold.
         return [*kept, Site("stages", "stages", int(channels), 1, "residual")]
     return generic  # ViT: the generic rule gives exactly the authors' 8 kinds of site

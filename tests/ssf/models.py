@@ -15,8 +15,14 @@ NUM_CLASSES = 7
 
 def _swin(num_classes: int = NUM_CLASSES) -> nn.Module:
     return timm.create_model(
-        "swin_tiny_patch4_window7_224", pretrained=False, num_classes=num_classes, embed_dim=16,
-        depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 2), img_size=64, window_size=4,
+        "swin_tiny_patch4_window7_224",
+        pretrained=False,
+        num_classes=num_classes,
+        embed_dim=16,
+        depths=(1, 1, 2, 1),
+        num_heads=(1, 2, 2, 2),
+        img_size=64,
+        window_size=4,
     )
 
 
@@ -26,8 +32,14 @@ def _mixer(num_classes: int = NUM_CLASSES) -> nn.Module:
 
 def _resmlp(num_classes: int = NUM_CLASSES) -> nn.Module:
     return MlpMixer(
-        num_classes=num_classes, img_size=64, patch_size=8, num_blocks=2, embed_dim=32, mlp_ratio=4,
-        block_layer=partial(ResBlock, init_values=0.1), norm_layer=Affine,
+        num_classes=num_classes,
+        img_size=64,
+        patch_size=8,
+        num_blocks=2,
+        embed_dim=32,
+        mlp_ratio=4,
+        block_layer=partial(ResBlock, init_values=0.1),
+        norm_layer=Affine,
     )
 
 

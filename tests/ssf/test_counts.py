@@ -51,7 +51,9 @@ def test_trainable_selection_is_sites_and_head_only() -> None:
     sites = ssf.inject_ssf(model, "paper")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in model.named_parameters() if n.startswith(("ssf.", "head."))}
-    assert sum(p.numel() for n, p in model.named_parameters() if n.startswith("ssf.")) == ssf.site_params(sites)
+    assert sum(p.numel() for n, p in model.named_parameters() if n.startswith("ssf.")) == ssf.site_params(
+        sites
+    )
 
 
 def test_init_follows_the_paper() -> None:

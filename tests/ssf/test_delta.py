@@ -28,9 +28,14 @@ def trained() -> tuple[torch.nn.Module, BackboneSpec]:
 
 def make_delta(model: torch.nn.Module, spec: BackboneSpec, labels: list[str] | None = None) -> Delta:
     return ssf.delta_from_model(
-        model, task="digits", backbone=spec.model, backbone_fingerprint=spec.fingerprint,
-        site_scheme="foldable", labels=labels or [f"c{i}" for i in range(NUM_CLASSES)],
-        preprocess={"input_size": [3, 160, 160]}, metrics={"val_acc": 0.5},
+        model,
+        task="digits",
+        backbone=spec.model,
+        backbone_fingerprint=spec.fingerprint,
+        site_scheme="foldable",
+        labels=labels or [f"c{i}" for i in range(NUM_CLASSES)],
+        preprocess={"input_size": [3, 160, 160]},
+        metrics={"val_acc": 0.5},
     )
 
 
@@ -222,8 +227,13 @@ def test_oversize_file_and_header_are_refused(trained: tuple[torch.nn.Module, Ba
 def test_linear_probe_delta_is_head_only(trained: tuple[torch.nn.Module, BackboneSpec]) -> None:
     model, spec = trained
     delta = ssf.delta_from_model(
-        model, task="probe", backbone=spec.model, backbone_fingerprint=spec.fingerprint,
-        site_scheme="foldable", labels=[str(i) for i in range(NUM_CLASSES)], method="linear",
+        model,
+        task="probe",
+        backbone=spec.model,
+        backbone_fingerprint=spec.fingerprint,
+        site_scheme="foldable",
+        labels=[str(i) for i in range(NUM_CLASSES)],
+        method="linear",
     )
     assert delta.sites == {}
     assert ssf.load_delta(ssf.delta_to_bytes(delta), spec).method == "linear"
