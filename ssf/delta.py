@@ -114,6 +114,14 @@ def save_delta(delta: Delta, path: str | Path) -> None:
 # ---------------------------------------------------------------------------------------------- parsing
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Two parsers (ours, safetensors') must never disagree on which of two same-named entries wins."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise json.JSONDecodeError("duplicate key in header", "", 0)
+    return out
+
+
 def _header(data: bytes) -> dict[str, Any]:
     if len(data) < 8:
         raise DeltaError("malformed_delta", f"not a safetensors file: {len(data)} bytes, no header")
@@ -121,7 +129,7 @@ def _header(data: bytes) -> dict[str, Any]:
     if n > MAX_HEADER_BYTES or n > len(data) - 8:
         raise DeltaError("malformed_delta", f"not a safetensors file: header length {n} is impossible here")
     try:
-        header = json.loads(data[8 : 8 + n])
+        header = json.loads(data[8 : 8 + n], object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DeltaError("malformed_delta", f"not a safetensors file: header is not JSON ({e})") from e
     if not isinstance(header, dict):

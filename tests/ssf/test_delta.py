@@ -195,6 +195,8 @@ def test_bad_delta_is_refused_with_its_reason(
         (struct.pack("<Q", 2) + b"[]", "malformed_delta"),
         (b"PK\x03\x04" + b"\x00" * 100, "malformed_delta"),  # a zip (torch.save's format)
         (b"\x80\x04\x95" + b"\x00" * 100, "malformed_delta"),  # a pickle stream
+        # duplicate tensor names: our JSON parser and safetensors' could pick different entries
+        (struct.pack("<Q", 41) + b'{"a":{"dtype":"F32"},"a":{"dtype":"F32"}}', "malformed_delta"),
     ],
 )
 def test_garbage_is_malformed(data: bytes, code: str) -> None:
