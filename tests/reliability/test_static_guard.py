@@ -16,9 +16,15 @@ ROOT = Path(__file__).resolve().parents[2]
 PRODUCT = ["ssf", "training", "service", "bench"]
 BANNED_MODULES = {"pickle", "cPickle", "_pickle", "dill", "shelve", "marshal", "joblib"}
 BANNED_CALLS = {
-    ("torch", "load"), ("torch.jit", "load"), ("jit", "load"),
-    ("yaml", "load"), ("yaml", "unsafe_load"), ("yaml", "full_load"), ("yaml", "load_all"),
-    ("pickle", "load"), ("pickle", "loads"),
+    ("torch", "load"),
+    ("torch.jit", "load"),
+    ("jit", "load"),
+    ("yaml", "load"),
+    ("yaml", "unsafe_load"),
+    ("yaml", "full_load"),
+    ("yaml", "load_all"),
+    ("pickle", "load"),
+    ("pickle", "loads"),
 }
 BANNED_BUILTINS = {"eval", "exec", "compile", "__import__"}
 
@@ -43,7 +49,9 @@ def violations(source: str, name: str) -> list[str]:
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in BANNED_MODULES:
             found.append(f"from {node.module} import ...")
         elif isinstance(node, ast.ImportFrom) and node.module in {"torch", "yaml"}:
-            found += [f"from {node.module} import {a.name}" for a in node.names if a.name in {"load", "unsafe_load"}]
+            found += [
+                f"from {node.module} import {a.name}" for a in node.names if a.name in {"load", "unsafe_load"}
+            ]
         elif isinstance(node, ast.Call):
             func = dotted(node.func)
             head, _, attr = func.rpartition(".")
@@ -51,8 +59,10 @@ def violations(source: str, name: str) -> list[str]:
                 found.append(f"{func}()")
             elif isinstance(node.func, ast.Name) and node.func.id in BANNED_BUILTINS:
                 found.append(f"{node.func.id}()")
-            elif attr == "load" and head.endswith(("np", "numpy")) and any(
-                k.arg == "allow_pickle" for k in node.keywords
+            elif (
+                attr == "load"
+                and head.endswith(("np", "numpy"))
+                and any(k.arg == "allow_pickle" for k in node.keywords)
             ):
                 found.append(f"{func}(allow_pickle=...)")
     return [f"{name}:{v}" for v in found]
@@ -65,9 +75,16 @@ def test_there_is_product_code_to_check() -> None:
 @pytest.mark.parametrize(
     "snippet",
     [
-        "import pickle", "from pickle import loads", "import torch\ntorch.load('x')", "import yaml\nyaml.load(s)",
-        "eval('1')", "exec('x=1')", "import numpy as np\nnp.load('f', allow_pickle=True)", "from torch import load",
-        "import dill", "import torch.jit\ntorch.jit.load('m')",
+        "import pickle",
+        "from pickle import loads",
+        "import torch\ntorch.load('x')",
+        "import yaml\nyaml.load(s)",
+        "eval('1')",
+        "exec('x=1')",
+        "import numpy as np\nnp.load('f', allow_pickle=True)",
+        "from torch import load",
+        "import dill",
+        "import torch.jit\ntorch.jit.load('m')",
     ],
 )
 def test_the_guard_catches_each_banned_form(snippet: str) -> None:
@@ -75,7 +92,9 @@ def test_the_guard_catches_each_banned_form(snippet: str) -> None:
 
 
 def test_the_guard_allows_safe_forms() -> None:
-    assert not violations("import yaml\nyaml.safe_load(s)\nimport safetensors.torch\nsafetensors.torch.load(b)", "ok")
+    assert not violations(
+        "import yaml\nyaml.safe_load(s)\nimport safetensors.torch\nsafetensors.torch.load(b)", "ok"
+    )
     assert not violations("model.eval()\nx = 'eval(1)'  # eval(", "ok")
 
 
