@@ -63,6 +63,10 @@ class Unavailable(EngineError):  # 503 with Retry-After (draining, not ready, re
         self.retry_after_s = retry_after_s
 
 
+class DeadlineExceeded(Unavailable):  # 503: the request's deadline passed while it waited; it never ran
+    code = "deadline_exceeded"
+
+
 @dataclass(frozen=True)
 class Scored:
     label: str
@@ -98,7 +102,7 @@ class EngineAPI(Protocol):
 
 
 __all__ = [
-    "BadImage", "DeltaTooLarge", "EngineAPI", "EngineError", "ImageTooLarge", "InvalidDelta", "InvalidParameter",
+    "BadImage", "DeadlineExceeded", "DeltaTooLarge", "EngineAPI", "EngineError", "ImageTooLarge", "InvalidDelta", "InvalidParameter",
     "Overloaded", "PredictionResult", "Scored", "StoreError", "StoreUnavailable", "StoredTask", "TaskExists",
     "TaskNotFound", "Unavailable", "UnsupportedMediaType",
 ]
