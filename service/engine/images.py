@@ -1,0 +1,119 @@
+"""Image decoding and preprocessing: untrusted bytes in, a normalized (N, 3, H, W) tensor out.
+
+Only JPEG, PNG, WebP and BMP are decoded; the format is checked after ``Image.open`` (which only reads the
+header), and ``width * height`` is checked against the engine's pixel limit before ``load()`` decodes
+anything, so a decompression bomb costs nothing. Every failure is a domain error naming the image index;
+nothing here lets a Pillow exception escape.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import timm.data
+import torch
+from PIL import Image, ImageOps
+from torch import nn
+
+from service.engine.protocol import BadImage, ImageTooLarge, UnsupportedMediaType
+from ssf.sites import input_size
+
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP"})
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_images: int = 64
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 40_000_000  # 40 MP: a large phone photo passes, a 20000x20000 bomb does not
+
+
+def data_config(model: nn.Module) -> dict[str, Any]:
+    """The backbone's preprocessing from its pretrained_cfg; the patch embed's fixed size wins."""
+    cfg = timm.data.resolve_model_data_config(model)
+    cfg["input_size"] = input_size(model)
+    return cfg
+
+
+class Preprocessor:
+    """Decode, orient, convert to RGB and transform, with per-engine limits."""
+
+    def __init__(self, model: nn.Module, limits: ImageLimits) -> None:
+        self.limits = limits
+        self.config = data_config(model)
+        self.transform: Callable[[Image.Image], torch.Tensor] = timm.data.create_transform(
+            **self.config, is_training=False
+        )
+
+    def check_count(self, images: Sequence[bytes]) -> None:
+        if not images:
+            raise BadImage("the request holds no image")
+        if len(images) > self.limits.max_images:
+            raise ImageTooLarge(f"{len(images)} images in one request; the limit is {self.limits.max_images}")
+        for i, data in enumerate(images):
+            if len(data) > self.limits.max_image_bytes:
+                raise ImageTooLarge(
+                    f"image {i} is {len(data)} bytes; the limit is {self.limits.max_image_bytes}"
+                )
+
+    def __call__(self, images: Sequence[bytes]) -> torch.Tensor:
+        """All images of one request as one batch (the caller runs this off the event loop)."""
+        self.check_count(images)
+        return torch.stack([self.transform(self.decode(data, i)) for i, data in enumerate(images)])
+
+    def decode(self, data: bytes, index: int) -> Image.Image:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                return self._decode(data, index)
+        except (BadImage, ImageTooLarge, UnsupportedMediaType):
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageTooLarge(f"image {index} has too many pixels ({e})") from e
+        except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ... for broken files
+            raise BadImage(f"image {index} could not be decoded: {type(e).__name__}: {str(e)[:200]}") from e
+
+    def _decode(self, data: bytes, index: int) -> Image.Image:
+        try:
+            img = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS))
+        except Image.UnidentifiedImageError as e:
+            kind = _sniff(data)
+            if kind is not None:
+                raise UnsupportedMediaType(f"image {index} is {kind}; send JPEG, PNG, WebP or BMP") from e
+            raise BadImage(f"image {index} is not a JPEG, PNG, WebP or BMP image") from e
+        if img.format not in ALLOWED_FORMATS:  # belt and braces: formats= already restricts the plugins
+            raise UnsupportedMediaType(f"image {index} is {img.format}; send JPEG, PNG, WebP or BMP")
+        width, height = img.size
+        if width <= 0 or height <= 0:
+            raise BadImage(f"image {index} has an empty size {width}x{height}")
+        if width * height > self.limits.max_pixels:
+            raise ImageTooLarge(
+                f"image {index} is {width}x{height} = {width * height} pixels; "
+                f"the limit is {self.limits.max_pixels}"
+            )
+        img.load()
+        return ImageOps.exif_transpose(img).convert("RGB")
+
+
+_SIGNATURES = (
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"8BPS", "PSD"),
+)
+
+
+def _sniff(data: bytes) -> str | None:
+    """Name a real image format we refuse, so the client gets 415 rather than 'undecodable'."""
+    for magic, name in _SIGNATURES:
+        if data.startswith(magic):
+            return name
+    if data[4:12] in (b"ftypavif", b"ftypheic", b"ftypheix", b"ftypmif1"):
+        return "HEIF/AVIF"
+    return None
