@@ -299,7 +299,10 @@ class Engine:
         if not done:
             return
         self._retired = [e for e in self._retired if e.inflight > 0]
-        self._model_thread.submit(self._release_on_model, done)
+        try:
+            self._model_thread.submit(self._release_on_model, done)
+        except RuntimeError:  # stopped: the memory goes with the engine
+            pass
 
     def _release_on_model(self, entries: list[TaskEntry]) -> None:
         for entry in entries:

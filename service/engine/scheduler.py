@@ -161,7 +161,7 @@ class Scheduler:
             self._take(items)
             self.busy = True
             try:
-                outs, merge_s = await loop.run_in_executor(self.executor, self._timed_run, path, items)
+                ran, outs = await loop.run_in_executor(self.executor, self._timed_run, path, items)
             except Exception as e:  # a bug in a forward: answer this batch's requests, keep serving
                 log.exception("batch on path %s failed", path)
                 for p in items:
@@ -170,9 +170,17 @@ class Scheduler:
                 continue
             finally:
                 self.busy = False
-            for p, out in zip(items, outs, strict=True):
-                if not p.future.done():
-                    p.future.set_result(out)
+            answers = dict(zip(map(id, ran), outs, strict=True))
+            for p in items:
+                if p.future.done():
+                    continue
+                if id(p) in answers:
+                    p.future.set_result(answers[id(p)])
+                else:
+                    self.metrics.rejected.labels("deadline").inc()
+                    p.future.set_exception(
+                        DeadlineExceeded("the request's deadline passed before it could run")
+                    )
 
     async def _gather_company(self) -> None:
         """Wait until a batch is full or the oldest request has waited ``max_queue_delay_ms``."""
@@ -247,7 +255,12 @@ class Scheduler:
             images, cfg.merge_amortize_batches
         )
 
-    def _timed_run(self, path: Path, items: list[Pending]) -> tuple[list[torch.Tensor], float]:
+    def _timed_run(self, path: Path, items: list[Pending]) -> tuple[list[Pending], list[torch.Tensor]]:
+        """On the model thread: deadlines are checked once more here, so an expired request never runs."""
+        now = time.monotonic()
+        items = [p for p in items if p.deadline > now and not p.future.done()]
+        if not items:
+            return [], []
         images = sum(p.n for p in items)
         start = time.perf_counter()
         outs, merge_s = self.runner(path, items)
@@ -260,4 +273,4 @@ class Scheduler:
         self.metrics.batch_seconds.labels(path).observe(seconds)
         self.metrics.batch_size.observe(images)
         self.metrics.tasks_per_batch.observe(len({p.entry.key for p in items}))
-        return outs, merge_s
+        return items, outs

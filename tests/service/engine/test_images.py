@@ -1,0 +1,96 @@
+"""Untrusted image bytes: only JPEG/PNG/WebP/BMP, EXIF orientation applied, bombs refused before decoding,
+every failure a domain error that names the image."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+from PIL import Image
+
+from service.engine.images import ImageLimits, Preprocessor
+from service.engine.protocol import BadImage, ImageTooLarge, UnsupportedMediaType
+from tests.service.engine.helpers import encode, images
+from tests.service.engine.test_tasks import run, vit_engine
+
+
+@pytest.fixture(scope="module")
+def pre() -> Preprocessor:
+    return Preprocessor(timm.create_model("test_vit", pretrained=False), ImageLimits(max_images=4))
+
+
+def test_every_allowed_format_and_mode_decodes(pre: Preprocessor) -> None:
+    batch = [*images(4), encode("PNG", 1, size=(30, 200))]
+    gray = io.BytesIO()
+    Image.new("L", (50, 50), 128).save(gray, format="PNG")
+    rgba = io.BytesIO()
+    Image.new("RGBA", (50, 50), (1, 2, 3, 4)).save(rgba, format="PNG")
+    pal = io.BytesIO()
+    Image.new("P", (50, 50), 3).save(pal, format="BMP")
+    for data in (*batch, gray.getvalue(), rgba.getvalue(), pal.getvalue()):
+        x = pre([data])
+        assert tuple(x.shape) == (1, 3, 160, 160)  # test_vit's pretrained_cfg size, not a hard-coded 224
+
+
+def test_exif_orientation_is_applied(pre: Preprocessor) -> None:
+    img = Image.fromarray(np.zeros((40, 80, 3), dtype=np.uint8))  # 80 wide, 40 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    out = io.BytesIO()
+    img.save(out, format="JPEG", exif=exif)
+    assert pre.decode(out.getvalue(), 0).size == (40, 80)
+
+
+def test_truncated_and_random_bytes_are_bad_images_naming_the_index(pre: Preprocessor) -> None:
+    jpeg = encode("JPEG", 3, size=(200, 200))
+    with pytest.raises(BadImage, match="image 1"):
+        pre([images(1)[0], jpeg[: len(jpeg) // 2]])
+    rng = np.random.default_rng(0)
+    with pytest.raises(BadImage, match="image 0"):
+        pre([rng.integers(0, 256, 5000, dtype=np.uint8).tobytes()])
+    with pytest.raises(BadImage):
+        pre([b""])
+    with pytest.raises(BadImage):
+        pre([])
+
+
+def test_unsupported_formats_are_415(pre: Preprocessor) -> None:
+    for fmt in ("GIF", "TIFF"):
+        with pytest.raises(UnsupportedMediaType, match="image 0"):
+            pre([encode(fmt, 1)])
+
+
+def test_decompression_bomb_is_refused_before_decoding(pre: Preprocessor) -> None:
+    out = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(out, format="PNG")  # 400 Mpx in a few tens of KB
+    assert len(out.getvalue()) < 1_000_000
+    with pytest.raises(ImageTooLarge, match="image 0"):
+        pre([out.getvalue()])
+    small_limit = Preprocessor(timm.create_model("test_vit", pretrained=False), ImageLimits(max_pixels=1000))
+    with pytest.raises(ImageTooLarge, match="80x60"):
+        small_limit([encode("PNG", 0)])
+
+
+def test_count_and_byte_limits(pre: Preprocessor) -> None:
+    with pytest.raises(ImageTooLarge, match="5 images"):
+        pre(images(5))
+    tight = Preprocessor(timm.create_model("test_vit", pretrained=False), ImageLimits(max_image_bytes=100))
+    with pytest.raises(ImageTooLarge, match="image 0"):
+        tight([encode("BMP", 0)])
+
+
+def test_engine_answers_bad_images_with_domain_errors(weights_dir: Path) -> None:
+    from tests.service.engine.helpers import FAMILY_VIT, delta_bytes, make_task
+
+    async def scenario(engine) -> None:  # type: ignore[no-untyped-def]
+        await engine.add_task(delta_bytes(FAMILY_VIT, make_task(FAMILY_VIT, 60), "img"), None, False)
+        with pytest.raises(BadImage, match="image 1"):
+            await engine.predict("img", [images(1)[0], b"\x00" * 100], 1)
+        with pytest.raises(UnsupportedMediaType):
+            await engine.predict("img", [encode("GIF", 0)], 1)
+        assert (await engine.predict("img", images(2), 1)).version == 1
+
+    run(vit_engine(weights_dir), scenario)

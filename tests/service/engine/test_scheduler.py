@@ -1,0 +1,132 @@
+"""Scheduling under pressure: deadlines, a full queue, path choice, the byte-bounded merged LRU, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from service.engine.engine import Engine
+from service.engine.merged import ByteLRU
+from service.engine.metrics import EngineMetrics
+from service.engine.protocol import DeadlineExceeded, Overloaded, Unavailable
+from tests.service.engine.helpers import FAMILY_VIT, delta_bytes, images, make_task
+from tests.service.engine.test_tasks import run, vit_engine
+
+
+def sample(engine: Engine, name: str, **labels: str) -> float:
+    return engine.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+async def add(engine: Engine, *names: str) -> None:
+    for i, name in enumerate(names):
+        await engine.add_task(delta_bytes(FAMILY_VIT, make_task(FAMILY_VIT, seed=50 + i), name), None, False)
+
+
+def block_model_thread(engine: Engine, seconds: float) -> None:
+    engine._model_thread.submit(time.sleep, seconds)
+
+
+def test_expired_requests_are_never_executed(weights_dir: Path) -> None:
+    async def scenario(engine: Engine) -> None:
+        await add(engine, "a")
+        executed = sample(engine, "ssf_engine_images_total", path="mixed")
+        block_model_thread(engine, 0.5)  # the batch is taken, but cannot run before its deadline
+        with pytest.raises(DeadlineExceeded):
+            await engine.predict("a", images(2), 3, timeout_s=0.2)
+        with pytest.raises(DeadlineExceeded):  # already expired when scheduled
+            await engine.predict("a", images(1), 3, timeout_s=0.0)
+        await asyncio.sleep(0.4)
+        assert sample(engine, "ssf_engine_images_total", path="mixed") == executed
+        assert sample(engine, "ssf_engine_rejected_total", reason="deadline") == 2
+        assert (await engine.predict("a", images(1), 3)).version == 1  # and the engine still serves
+
+    run(vit_engine(weights_dir, path_policy="mixed"), scenario)
+
+
+def test_full_queue_answers_overloaded_at_once(weights_dir: Path) -> None:
+    async def scenario(engine: Engine) -> None:
+        await add(engine, "a")
+        block_model_thread(engine, 1.0)
+        first = asyncio.create_task(engine.predict("a", images(2), 1))  # taken into the blocked batch
+        await asyncio.sleep(0.2)
+        queued = [asyncio.create_task(engine.predict("a", images(2), 1)) for _ in range(2)]
+        await asyncio.sleep(0.2)  # now 4 images wait: the limit
+        started = time.monotonic()
+        with pytest.raises(Overloaded) as e:
+            await engine.predict("a", images(1), 1)
+        assert time.monotonic() - started < 0.5 and e.value.retry_after_s > 0
+        assert sample(engine, "ssf_engine_rejected_total", reason="queue_full") == 1
+        assert all(r.version == 1 for r in await asyncio.gather(first, *queued))
+
+    run(vit_engine(weights_dir, path_policy="mixed", max_queue_images=4, max_batch_size=2), scenario)
+
+
+def test_auto_policy_merges_a_full_batch_and_mixes_the_long_tail(weights_dir: Path) -> None:
+    async def scenario(engine: Engine) -> None:
+        await add(engine, "hot", "cold1", "cold2")
+        await engine.predict("hot", images(4), 1)  # one task fills a batch: merged copy
+        assert sample(engine, "ssf_engine_batches_total", path="merged") == 1
+        assert sample(engine, "ssf_engine_cache_misses_total", cache="merged") == 1
+        await asyncio.gather(*(engine.predict(n, images(1), 1) for n in ("cold1", "cold2", "hot")))
+        assert sample(engine, "ssf_engine_batches_total", path="mixed") >= 1
+        await engine.predict("hot", images(4), 1)
+        assert sample(engine, "ssf_engine_cache_hits_total", cache="merged") >= 1
+        assert sample(engine, "ssf_engine_merge_seconds_count", kind="torch") == 1
+        text = engine.metrics.registry.get_sample_value("ssf_engine_queue_depth")
+        assert text == 0
+
+    run(vit_engine(weights_dir, max_batch_size=4, merged_min_batch=2, max_queue_delay_ms=50), scenario)
+
+
+def test_merged_copies_are_evicted_by_bytes(weights_dir: Path) -> None:
+    async def scenario(engine: Engine) -> None:
+        await add(engine, "a", "b", "c")
+        await engine.predict("a", images(1), 1)
+        one_copy = engine.backend.cache.bytes
+        base = sum(t.nbytes for t in engine.backend.base.values())
+        assert 0 < one_copy < base  # a copy owns only what folding replaced
+        engine.backend.cache.max_bytes = int(1.5 * one_copy)
+        await engine.predict("b", images(1), 1)
+        assert engine.backend.cache.keys() == [("b", 1)]
+        await engine.predict("c", images(1), 1)
+        assert engine.backend.cache.keys() == [("c", 1)]
+        assert engine.backend.cache.bytes <= engine.backend.cache.max_bytes
+        assert sample(engine, "ssf_engine_cache_evictions_total", cache="merged") == 2
+
+    run(vit_engine(weights_dir, path_policy="merged"), scenario)
+
+
+def test_byte_lru_order_and_one_build_per_key() -> None:
+    cache: ByteLRU[str] = ByteLRU("t", 100, EngineMetrics())
+    builds: list[str] = []
+
+    def build(v: str, n: int):  # type: ignore[no-untyped-def]
+        return lambda: (builds.append(v) or v, n)
+
+    assert cache.get_or_build(("a", 1), build("a", 40)) == ("a", True)
+    assert cache.get_or_build(("b", 1), build("b", 40)) == ("b", True)
+    assert cache.get_or_build(("a", 1), build("a", 40)) == ("a", False)  # a is now the most recent
+    cache.get_or_build(("c", 1), build("c", 40))  # 120 > 100: the least recent (b) goes
+    assert cache.keys() == [("a", 1), ("c", 1)] and cache.bytes == 80
+    cache.get_or_build(("huge", 1), build("huge", 500))  # larger than the cache: never kept
+    assert ("huge", 1) not in cache and builds == ["a", "b", "c", "huge"]
+
+
+def test_stop_drains_and_then_refuses(weights_dir: Path) -> None:
+    async def scenario() -> None:
+        engine = vit_engine(weights_dir, path_policy="mixed", max_queue_delay_ms=100)
+        with pytest.raises(Unavailable):
+            await engine.predict("a", images(1), 1)  # not started: not ready
+        await engine.start()
+        await add(engine, "a")
+        pending = [asyncio.create_task(engine.predict("a", images(1), 1)) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        await engine.stop()
+        assert all(r.version == 1 for r in await asyncio.gather(*pending))
+        with pytest.raises(Unavailable):
+            await engine.predict("a", images(1), 1)
+
+    asyncio.run(scenario())

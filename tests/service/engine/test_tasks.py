@@ -1,0 +1,173 @@
+"""Task lifecycle through the engine: isolation in mixed batches, versions under replace, replicas
+reconciling through a shared store, and every way add_task refuses a delta."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from service.engine.engine import Engine, EngineLimits
+from service.engine.protocol import DeltaTooLarge, InvalidDelta, InvalidParameter, PredictionResult
+from service.engine.scheduler import SchedulerConfig
+from service.store.base import TaskExists, TaskNotFound
+from tests.service.engine.helpers import MODELS, MemoryStore, backbone_file, delta_bytes, images, make_task
+from tests.service.engine.helpers import reference_logits as reference
+
+FAMILY = "vit"
+
+
+def vit_engine(weights_dir: Path, store: MemoryStore | None = None, **config: Any) -> Engine:
+    limits = config.pop("limits", None)
+    settings = {"max_queue_delay_ms": 30.0, **config}
+    return Engine(
+        MODELS[FAMILY],
+        backbone_file(FAMILY, weights_dir),
+        store if store is not None else MemoryStore(),
+        scheduler=SchedulerConfig(**settings),
+        limits=limits,
+        reconcile_interval_s=3600,  # tests call reconcile() themselves
+    )
+
+
+def run(engine: Engine, scenario: Callable[[Engine], Awaitable[None]]) -> None:
+    async def main() -> None:
+        await engine.start()
+        try:
+            await scenario(engine)
+        finally:
+            await engine.stop()
+
+    asyncio.run(main())
+
+
+def probs(result: PredictionResult) -> torch.Tensor:
+    return torch.tensor([[s.score for s in sorted(row, key=lambda s: s.index)] for row in result.predictions])
+
+
+def test_prediction_does_not_depend_on_batch_mates(weights_dir: Path) -> None:
+    models = [make_task(FAMILY, seed=i) for i in range(4)]
+    batch = images(2, seed=3)
+
+    async def scenario(engine: Engine) -> None:
+        for i, m in enumerate(models):
+            await engine.add_task(delta_bytes(FAMILY, m, f"t{i}"), None, replace=False)
+        alone = probs(await engine.predict("t0", batch, top_k=5))
+        crowd = await asyncio.gather(*(engine.predict(f"t{i}", batch, top_k=5) for i in (1, 0, 2, 3)))
+        together = probs(crowd[1])
+        assert (alone - together).abs().max() <= 1e-5
+        for i, r in zip((1, 0, 2, 3), crowd, strict=True):  # and nobody got a neighbour's answer
+            want = torch.softmax(reference(models[i], engine.preprocess(batch)), -1)
+            assert (probs(r) - want).abs().max() <= 1e-4
+
+    run(vit_engine(weights_dir, path_policy="mixed", max_queue_delay_ms=100), scenario)
+
+
+@pytest.mark.parametrize("policy", ["mixed", "merged"])
+def test_replace_while_requests_are_in_flight(weights_dir: Path, policy: str) -> None:
+    v1, v2 = make_task(FAMILY, seed=10), make_task(FAMILY, seed=11)
+    batch = images(1, seed=5)
+
+    async def scenario(engine: Engine) -> None:
+        await engine.add_task(delta_bytes(FAMILY, v1, "swap"), None, replace=False)
+        before = [asyncio.create_task(engine.predict("swap", batch, top_k=5)) for _ in range(6)]
+        await asyncio.sleep(0.01)  # they hold version 1 and wait in the queue
+        stored = await engine.add_task(delta_bytes(FAMILY, v2, "swap"), None, replace=True)
+        assert stored.version == 2
+        after = [asyncio.create_task(engine.predict("swap", batch, top_k=5)) for _ in range(6)]
+        results = await asyncio.gather(*before, *after)
+        x = engine.preprocess(batch)
+        want = {1: torch.softmax(reference(v1, x), -1), 2: torch.softmax(reference(v2, x), -1)}
+        assert (want[1] - want[2]).abs().max() > 1e-2
+        for r in results:
+            assert (probs(r) - want[r.version]).abs().max() <= 1e-4
+        assert {r.version for r in results[:6]} == {1} and {r.version for r in results[6:]} == {2}
+        await asyncio.sleep(0.05)
+        assert engine.backend.tables.rows_used == 1  # version 1's row was freed once nobody held it
+        assert ("swap", 1) not in engine.backend.cache
+
+    run(vit_engine(weights_dir, path_policy=policy, max_queue_delay_ms=50), scenario)
+
+
+def test_replicas_follow_each_other_through_the_store(weights_dir: Path) -> None:
+    store = MemoryStore()
+    v1, v2 = make_task(FAMILY, seed=20), make_task(FAMILY, seed=21)
+    batch = images(1, seed=9)
+
+    async def scenario() -> None:
+        a, b = vit_engine(weights_dir, store), vit_engine(weights_dir, store)
+        await a.start()
+        await b.start()
+        try:
+            await a.add_task(delta_bytes(FAMILY, v1, "shared"), None, replace=False)
+            assert (await b.predict("shared", batch, 3)).version == 1  # a miss checks the store
+            await a.add_task(delta_bytes(FAMILY, v2, "shared"), None, replace=True)
+            await b.reconcile()
+            r = await b.predict("shared", batch, 5)
+            want = torch.softmax(reference(v2, b.preprocess(batch)), -1)
+            assert r.version == 2 and (probs(r) - want).abs().max() <= 1e-4
+            await a.delete_task("shared")
+            await b.reconcile()
+            with pytest.raises(TaskNotFound):
+                await b.predict("shared", batch, 3)
+        finally:
+            await a.stop()
+            await b.stop()
+
+    asyncio.run(scenario())
+
+
+def test_start_loads_stored_tasks_and_skips_bad_ones(weights_dir: Path) -> None:
+    store = MemoryStore()
+    store.put("good", delta_bytes(FAMILY, make_task(FAMILY, seed=30), "good"), {})
+    store.put("broken", b"not a delta at all", {})
+    other = make_task("convnext", seed=1)
+    store.put("foreign", delta_bytes("convnext", other, "foreign"), {})
+
+    async def scenario(engine: Engine) -> None:
+        assert engine.ready
+        assert set(engine._resident) == {"good"}
+        assert engine.metrics.registry.get_sample_value("ssf_engine_tasks_resident") == 1
+        assert (await engine.predict("good", images(1), 2)).version == 1
+        with pytest.raises(TaskNotFound):
+            await engine.predict("broken", images(1), 2)
+
+    run(vit_engine(weights_dir, store), scenario)
+
+
+def test_add_task_refusals(weights_dir: Path) -> None:
+    model = make_task(FAMILY, seed=40)
+    data = delta_bytes(FAMILY, model, "named-in-file")
+
+    async def scenario(engine: Engine) -> None:
+        with pytest.raises(InvalidDelta) as e:
+            await engine.add_task(b"garbage" * 10, None, replace=False)
+        assert e.value.code == "malformed_delta"
+        with pytest.raises(InvalidDelta) as e:
+            await engine.add_task(delta_bytes("convnext", make_task("convnext", 0), "x"), None, replace=False)
+        assert e.value.code == "fingerprint_mismatch"
+        with pytest.raises(DeltaTooLarge):
+            await engine.add_task(b"x" * 20_000_000, None, replace=False)
+        with pytest.raises(InvalidParameter):
+            await engine.add_task(data, "Not A Valid Name", replace=False)
+        stored = await engine.add_task(data, None, replace=False)  # name from the file
+        assert stored.name == "named-in-file" and stored.info["num_classes"] == 5
+        assert stored.info["backbone_fingerprint"] == engine.spec.fingerprint
+        with pytest.raises(TaskExists):
+            await engine.add_task(data, None, replace=False)
+        renamed = await engine.add_task(data, "renamed", replace=False)
+        assert renamed.name == "renamed" and renamed.version == 1
+        assert [t.name for t in engine.list_tasks()] == ["named-in-file", "renamed"]
+        with pytest.raises(InvalidParameter):
+            await engine.predict("renamed", images(1), top_k=0)
+        with pytest.raises(TaskNotFound):
+            await engine.predict("nobody", images(1), top_k=1)
+        info = engine.backbone_info()
+        assert info["model"] == "test_vit" and info["input_size"] == [3, 160, 160]
+        assert info["fingerprint"].startswith("sha256:")
+
+    run(vit_engine(weights_dir, limits=EngineLimits(max_delta_bytes=10_000_000)), scenario)
