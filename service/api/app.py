@@ -1,0 +1,137 @@
+"""The FastAPI application: ``create_app(settings, engine=None)``.
+
+Nothing heavy happens at import time or in ``create_app``. The lifespan starts the engine in the
+background so ``/healthz`` answers while the backbone loads and ``/readyz`` says 503 until it is warmed.
+Shutdown: readiness turns 503 first (``begin_drain``, called by the CLI on SIGTERM), uvicorn lets
+in-flight requests finish, then the lifespan stops the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.types import Scope
+
+from service.api import errors
+from service.api.middleware import BodyLimitMiddleware, HttpMetrics, MetricsMiddleware
+from service.api.routes import backbone, health, predict, tasks
+from service.engine.protocol import EngineAPI
+from service.settings import Settings
+
+log = logging.getLogger("service.api")
+
+
+def build_engine(settings: Settings) -> Any:
+    """The real engine and store for ``settings`` (imported here: torch loads only when serving)."""
+    from service.engine.engine import Engine, EngineLimits
+    from service.engine.images import ImageLimits
+    from service.engine.scheduler import SchedulerConfig
+    from service.store import open_store
+
+    limits = EngineLimits(
+        max_delta_bytes=settings.max_delta_bytes,
+        images=ImageLimits(
+            max_images=settings.max_images_per_request,
+            max_image_bytes=settings.max_body_bytes,
+            max_pixels=settings.max_image_pixels,
+        ),
+    )
+    scheduler = SchedulerConfig(
+        max_batch_size=settings.max_batch_size,
+        max_queue_delay_ms=settings.max_queue_delay_ms,
+        max_queue_images=settings.max_queue_size,
+        request_timeout_ms=settings.request_timeout_s * 1000,
+    )
+    return Engine(
+        settings.model,
+        settings.weights,
+        open_store(settings.store),
+        backend=settings.backend,
+        device=settings.device,
+        dtype=settings.dtype,
+        limits=limits,
+        scheduler=scheduler,
+        max_cache_bytes=settings.max_cache_bytes,
+        pretrained=settings.weights is None,
+    )
+
+
+def body_limit(settings: Settings) -> Callable[[Scope], int]:
+    """Uploads may be as large as a delta; every other body is bounded by ``max_body_bytes``."""
+
+    def limit_for(scope: Scope) -> int:
+        if scope.get("method") == "POST" and scope.get("path", "").rstrip("/") == "/tasks":
+            return settings.max_upload_body_bytes
+        return settings.max_body_bytes
+
+    return limit_for
+
+
+async def _start_engine(app: FastAPI, settings: Settings) -> None:
+    try:
+        if app.state.engine is None:
+            app.state.engine = await asyncio.to_thread(build_engine, settings)
+        start = getattr(app.state.engine, "start", None)
+        if start is not None:
+            await start()
+    except Exception as e:
+        app.state.start_error = f"{type(e).__name__}: {e}"
+        log.error("engine failed to start: %s", app.state.start_error, exc_info=e)
+        on_fatal: Callable[[str], None] | None = app.state.on_fatal
+        if on_fatal is not None:
+            on_fatal(app.state.start_error)
+
+
+def begin_drain(app: FastAPI) -> None:
+    """Turn readiness to 503 so load balancers stop sending new requests; in-flight ones go on."""
+    if not app.state.draining:
+        log.info("draining: readiness is now 503")
+    app.state.draining = True
+
+
+def create_app(settings: Settings, engine: EngineAPI | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        starter = asyncio.create_task(_start_engine(app, settings), name="ssf-engine-start")
+        try:
+            yield
+        finally:
+            begin_drain(app)
+            if not starter.done():
+                starter.cancel()
+            await asyncio.gather(starter, return_exceptions=True)
+            stop = getattr(app.state.engine, "stop", None)
+            if stop is not None:
+                try:
+                    await stop()
+                except Exception:
+                    log.exception("engine stop failed")
+            log.info("stopped")
+
+    app = FastAPI(
+        title="ssf-serve",
+        summary="Serve many SSF tasks on one frozen backbone",
+        version="1",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.draining = False
+    app.state.start_error = None
+    app.state.on_fatal = None
+    app.state.http_metrics = HttpMetrics()
+
+    errors.install(app)
+    for module in (health, backbone, tasks, predict):
+        app.include_router(module.router)
+    # Last added is outermost: metrics see every response, including the body limit's 413s.
+    app.add_middleware(
+        BodyLimitMiddleware, limit_for=body_limit(settings), timeout_s=settings.request_timeout_s
+    )
+    app.add_middleware(MetricsMiddleware, metrics=app.state.http_metrics)
+    return app

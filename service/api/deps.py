@@ -1,0 +1,45 @@
+"""``Annotated`` dependency aliases: what a route needs, resolved from ``app.state``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.api.auth import check_admin
+from service.api.errors import ApiError
+from service.engine.protocol import EngineAPI
+from service.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_engine(request: Request) -> EngineAPI:
+    engine: EngineAPI | None = getattr(request.app.state, "engine", None)
+    if engine is None:
+        raise ApiError(503, "unavailable", "the engine is still starting", {"Retry-After": "1"})
+    return engine
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+EngineDep = Annotated[EngineAPI, Depends(get_engine)]
+
+
+# Declares the bearer scheme in the OpenAPI document (so clients and schemathesis know which routes are
+# admin); the check itself is ours, for our status codes and error bodies.
+bearer = HTTPBearer(auto_error=False, description="the admin token (SSF_ADMIN_TOKEN)")
+
+
+def require_admin(
+    request: Request,
+    settings: SettingsDep,
+    _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> None:
+    check_admin(request, settings)
+
+
+Admin = Depends(require_admin)

@@ -1,0 +1,160 @@
+"""Every error the API can answer, mapped to a status code once, in one table.
+
+The body is always ``{"error": {"code": "<snake_case>", "message": "..."}}``: domain errors from the
+engine and store, FastAPI's validation errors, Starlette's 404/405, and anything unexpected (500, logged
+with its traceback, never sent to the client: internal names must not leak).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.engine.protocol import (
+    BadImage,
+    DeltaTooLarge,
+    EngineError,
+    ImageTooLarge,
+    InvalidDelta,
+    InvalidParameter,
+    Overloaded,
+    StoreError,
+    StoreUnavailable,
+    TaskExists,
+    TaskNotFound,
+    Unavailable,
+    UnsupportedMediaType,
+)
+
+log = logging.getLogger("service.api")
+
+
+class ApiError(Exception):
+    """An error the HTTP layer itself detects (auth, body limits, request shape)."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+# The one table: most specific class first (DeadlineExceeded is an Unavailable, TaskExists a StoreError).
+STATUS: list[tuple[type[Exception], int]] = [
+    (BadImage, 400),
+    (TaskNotFound, 404),
+    (TaskExists, 409),
+    (DeltaTooLarge, 413),
+    (ImageTooLarge, 413),
+    (UnsupportedMediaType, 415),
+    (InvalidDelta, 422),
+    (InvalidParameter, 422),
+    (Overloaded, 429),
+    (Unavailable, 503),
+    (StoreUnavailable, 503),
+]
+
+STORE_CODES: dict[type[Exception], str] = {
+    TaskNotFound: "task_not_found",
+    TaskExists: "task_exists",
+    StoreUnavailable: "registry_unavailable",
+}
+
+# Starlette's own HTTP errors (routing, multipart parsing) get codes too.
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_parameter",
+}
+
+
+def error_body(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+
+
+def status_of(exc: Exception) -> int | None:
+    for cls, status in STATUS:
+        if isinstance(exc, cls):
+            return status
+    return None
+
+
+def _retry_after(exc: Exception) -> dict[str, str]:
+    seconds = getattr(exc, "retry_after_s", 1.0)
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+async def domain_error(request: Request, exc: Exception) -> JSONResponse:
+    status = status_of(exc)
+    if status is None:  # an EngineError or StoreError subclass nobody mapped: a bug on our side
+        return await unexpected_error(request, exc)
+    if isinstance(exc, EngineError):
+        code, message = exc.code, exc.message
+    else:
+        code = next((c for cls, c in STORE_CODES.items() if isinstance(exc, cls)), "registry_error")
+        message = str(exc) or "the task registry failed"
+    headers = _retry_after(exc) if status in (429, 503) else None
+    if status == 503 and isinstance(exc, StoreUnavailable):
+        message = "the task registry is unreachable; retry later"  # never leak the backend's address
+    return error_response(status, code, message, headers)
+
+
+async def api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body",))
+    return f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid"))
+
+
+async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    message = "; ".join(_describe(e) for e in exc.errors()[:5]) or "invalid request parameters"
+    return error_response(422, "invalid_parameter", message)
+
+
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    status = exc.status_code
+    code = HTTP_CODES.get(status, "http_error")
+    if status == 404:
+        message = f"no route {request.url.path}; see /docs"
+    elif status == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(exc.detail)
+    if status >= 500:  # Starlette only raises these for our own bugs
+        log.error("http %d on %s: %s", status, request.url.path, exc.detail)
+    return error_response(status, code, message, dict(exc.headers or {}))
+
+
+async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal_error", "an internal error occurred; it has been logged")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(EngineError, domain_error)
+    app.add_exception_handler(StoreError, domain_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected_error)

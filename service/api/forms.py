@@ -1,0 +1,61 @@
+"""Multipart parsing with explicit limits, so a request with thousands of parts is refused cheaply.
+
+Routes parse their own bodies (instead of FastAPI ``File()`` parameters) for two reasons: auth runs before
+a single body byte is read, and parser errors become our error codes instead of FastAPI's generic 400.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import Request
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from service.api.errors import ApiError
+
+# The same pattern as ssf.delta.TASK_NAME_RE (a test keeps them equal); copied so that importing the
+# HTTP layer does not import torch.
+TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+def check_task_name(name: str) -> str:
+    if not TASK_NAME_RE.match(name):
+        shown = name if len(name) <= 80 else name[:80] + "..."
+        raise ApiError(422, "invalid_task_name", f"task name {shown!r} must match {TASK_NAME_RE.pattern}")
+    return name
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def parse_multipart(
+    request: Request, *, max_files: int, max_fields: int, max_part_size: int
+) -> FormData:
+    """Parse a multipart/form-data body; a malformed body is a 400, too many files a 413."""
+    parser = MultiPartParser(
+        request.headers,
+        request.stream(),
+        max_files=max_files,
+        max_fields=max_fields,
+        max_part_size=max_part_size,
+    )
+    try:
+        return await parser.parse()
+    except MultiPartException as e:
+        if e.message.startswith("Too many files"):
+            raise ApiError(
+                413, "too_many_images", f"at most {max_files} files are accepted per request"
+            ) from None
+        raise ApiError(400, "bad_multipart", f"malformed multipart body: {e.message}") from None
+
+
+async def files(form: FormData, field: str) -> list[bytes]:
+    """The contents of every file part named ``field``, in request order."""
+    out: list[bytes] = []
+    for value in form.getlist(field):
+        if not isinstance(value, UploadFile):
+            raise ApiError(422, "invalid_parameter", f"field {field!r} must be a file part (with a filename)")
+        out.append(await value.read())
+    return out

@@ -1,0 +1,1 @@
+"""One router per resource; ``service.api.app`` includes them all."""

@@ -1,0 +1,46 @@
+"""Liveness, readiness and metrics: what load balancers and Prometheus poll."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.api.errors import error_response
+from service.api.schemas import ErrorBody, Status
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Status)
+async def healthz() -> Status:
+    """200 while the process runs (liveness); says nothing about the engine."""
+    return Status(status="ok")
+
+
+@router.get("/readyz", response_model=Status, responses={503: {"model": ErrorBody}})
+async def readyz(request: Request) -> Response:
+    """200 once the backbone is loaded and warmed; 503 before that and from the start of a drain."""
+    state = request.app.state
+    if state.draining:
+        return error_response(503, "draining", "the server is shutting down", {"Retry-After": "5"})
+    engine = getattr(state, "engine", None)
+    if state.start_error is not None:
+        return error_response(503, "start_failed", "the engine failed to start; see the server log")
+    if engine is None or not engine.ready:
+        return error_response(503, "not_ready", "the backbone is still loading", {"Retry-After": "1"})
+    return JSONResponse({"status": "ready"})
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus text: the HTTP metrics and, when the engine has one, the engine's registry."""
+    state = request.app.state
+    text = generate_latest(state.http_metrics.registry)
+    engine = getattr(state, "engine", None)
+    registry = getattr(engine, "metrics_registry", None) or getattr(
+        getattr(engine, "metrics", None), "registry", None
+    )
+    if registry is not None:
+        text += generate_latest(registry)
+    return Response(text, media_type=CONTENT_TYPE_LATEST)

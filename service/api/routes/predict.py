@@ -1,0 +1,74 @@
+"""Classification: ``POST /tasks/{name}/predict`` with multipart ``image`` files or one raw image body."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+
+from service.api.deps import EngineDep, SettingsDep
+from service.api.errors import ApiError
+from service.api.forms import files, media_type, parse_multipart
+from service.api.routes.tasks import TaskName, errors
+from service.api.schemas import Prediction
+
+router = APIRouter(prefix="/tasks", tags=["predict"])
+
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@router.post(
+    "/{name}/predict",
+    response_model=Prediction,
+    openapi_extra=PREDICT_BODY,
+    responses=errors(400, 404, 413, 415, 422, 429, 503),
+)
+async def predict(
+    name: TaskName,
+    request: Request,
+    engine: EngineDep,
+    settings: SettingsDep,
+    top_k: Annotated[int, Query(ge=1, le=1000, description="labels per image")] = 5,
+) -> Prediction:
+    """Top-k labels per image, in request order, sorted by softmax probability."""
+    kind = media_type(request)
+    if kind == "multipart/form-data":
+        form = await parse_multipart(
+            request,
+            max_files=settings.max_images_per_request,
+            max_fields=16,
+            max_part_size=64 * 1024,
+        )
+        try:
+            images = await files(form, "image")
+        finally:
+            await form.close()
+        if not images:
+            raise ApiError(422, "invalid_parameter", "send one or more file fields named 'image'")
+    elif kind.startswith("image/"):
+        images = [await request.body()]
+    else:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type {kind or 'none'!r} is not accepted: send multipart/form-data with 'image' "
+            "file fields, or one image with an image/* Content-Type",
+        )
+    result = await engine.predict(name, images, top_k)
+    return Prediction.of(result)

@@ -1,0 +1,113 @@
+"""The task registry: list, upload (admin), describe, delete (admin), and the merged ONNX graph (admin)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from service.api.deps import Admin, EngineDep, SettingsDep
+from service.api.errors import ApiError
+from service.api.forms import check_task_name, files, media_type, parse_multipart
+from service.api.schemas import ErrorBody, TaskInfo, TaskList
+from service.engine.protocol import DeltaTooLarge
+
+router = APIRouter(prefix="/tasks", tags=["tasks"])
+
+TaskName = Annotated[str, Depends(check_task_name)]
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorBody} for code in codes}
+
+
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["delta"],
+                    "properties": {
+                        "delta": {"type": "string", "format": "binary", "description": "ssf-delta file"},
+                        "name": {"type": "string", "description": "overrides the task name in the file"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.get("", response_model=TaskList)
+async def list_tasks(engine: EngineDep) -> TaskList:
+    return TaskList(tasks=[TaskInfo.of(t) for t in engine.list_tasks()])
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=TaskInfo,
+    dependencies=[Admin],
+    openapi_extra=UPLOAD_BODY,
+    responses=errors(400, 401, 403, 409, 413, 415, 422, 503),
+)
+async def upload_task(
+    request: Request,
+    engine: EngineDep,
+    settings: SettingsDep,
+    replace: Annotated[bool, Query(description="replace an existing task with a new version")] = False,
+) -> JSONResponse:
+    """Upload a delta (multipart field ``delta``); ``name`` overrides the task name inside the file."""
+    if media_type(request) != "multipart/form-data":
+        raise ApiError(
+            415, "unsupported_media_type", "send multipart/form-data with a file field named 'delta'"
+        )
+    form = await parse_multipart(request, max_files=1, max_fields=4, max_part_size=1024)
+    try:
+        deltas = await files(form, "delta")
+        if len(deltas) != 1:
+            raise ApiError(422, "invalid_parameter", "send exactly one file field named 'delta'")
+        name = form.get("name")
+        if name is not None and not isinstance(name, str):
+            raise ApiError(422, "invalid_parameter", "field 'name' must be text, not a file")
+    finally:
+        await form.close()
+    if name is not None:
+        check_task_name(name)
+    if len(deltas[0]) > settings.max_delta_bytes:
+        raise DeltaTooLarge(f"delta is {len(deltas[0])} bytes; the limit is {settings.max_delta_bytes}")
+    stored = await engine.add_task(deltas[0], name or None, replace)
+    info = TaskInfo.of(stored)
+    return JSONResponse(
+        info.model_dump(mode="json"), status_code=201, headers={"Location": f"/tasks/{stored.name}"}
+    )
+
+
+@router.get("/{name}", response_model=TaskInfo, responses=errors(404, 422))
+async def get_task(name: TaskName, engine: EngineDep) -> TaskInfo:
+    return TaskInfo.of(engine.get_task(name))
+
+
+@router.delete("/{name}", status_code=204, dependencies=[Admin], responses=errors(401, 403, 404, 422, 503))
+async def delete_task(name: TaskName, engine: EngineDep) -> Response:
+    await engine.delete_task(name)
+    return Response(status_code=204)
+
+
+@router.get(
+    "/{name}/model.onnx",
+    dependencies=[Admin],
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}, **errors(401, 403, 404, 422, 503)},
+)
+async def onnx_model(name: TaskName, engine: EngineDep) -> Response:
+    """The merged ONNX graph of the task's current version (input ``image``, output ``logits``)."""
+    data = await engine.onnx_model(name)
+    return Response(
+        data,
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{name}.onnx"'},
+    )

@@ -1,0 +1,91 @@
+"""Response bodies of the HTTP API (CONTRACT.md), kept apart from the logic that fills them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from service.engine.protocol import PredictionResult, StoredTask
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable snake_case kind of error")
+    message: str = Field(description="what is wrong and how to fix it")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class Status(BaseModel):
+    status: str
+
+
+class BackboneInfo(BaseModel):
+    model: str
+    fingerprint: str
+    input_size: list[int]
+    site_scheme: str
+    backend: str
+    device: str
+    dtype: str
+
+
+class TaskInfo(BaseModel):
+    name: str
+    version: int
+    sha256: str
+    num_classes: int
+    labels: list[str]
+    method: str
+    site_scheme: str
+    backbone_fingerprint: str
+    size_bytes: int
+    created_at: str
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def of(cls, task: StoredTask) -> TaskInfo:
+        info = task.info
+        labels = [str(label) for label in info.get("labels", [])]
+        return cls(
+            name=task.name,
+            version=task.version,
+            sha256=task.sha256,
+            num_classes=int(info.get("num_classes", len(labels))),
+            labels=labels,
+            method=str(info.get("method", "")),
+            site_scheme=str(info.get("site_scheme", "")),
+            backbone_fingerprint=str(info.get("backbone_fingerprint", "")),
+            size_bytes=task.size_bytes,
+            created_at=task.created_at,
+            metrics=dict(info.get("metrics") or {}),
+        )
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskInfo]
+
+
+class ScoredLabel(BaseModel):
+    label: str
+    index: int
+    score: float
+
+
+class Prediction(BaseModel):
+    task: str
+    version: int
+    predictions: list[list[ScoredLabel]] = Field(description="one list per image, in request order")
+
+    @classmethod
+    def of(cls, result: PredictionResult) -> Prediction:
+        return cls(
+            task=result.task,
+            version=result.version,
+            predictions=[
+                [ScoredLabel(label=s.label, index=s.index, score=s.score) for s in image]
+                for image in result.predictions
+            ],
+        )

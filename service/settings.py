@@ -1,0 +1,91 @@
+"""Every knob of ``ssf-serve`` in one typed object, read from ``SSF_*`` environment variables and CLI flags.
+
+Unsafe combinations are refused here, before anything listens: a non-loopback host needs an admin token
+(the TorchServe "ShellTorch" lesson: a management plane open on all interfaces). The token is a
+``SecretStr`` so it never appears in a repr, a log line or a validation error.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, ``localhost``)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to anything: treat it as public
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SSF_", extra="forbid", frozen=True)
+
+    # what to serve
+    model: str = Field(min_length=1, description="timm model name of the frozen backbone")
+    weights: Path | None = Field(None, description="local safetensors state_dict for the backbone")
+    store: str = Field("ssf-store", description="a directory, or redis://HOST:PORT/DB")
+    backend: Literal["torch", "onnx"] = "torch"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    # where to listen and who may change things
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    admin_token: SecretStr | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # limits (DESIGN.md "Security and robustness defaults")
+    max_body_bytes: int = Field(8 * MiB, ge=1024, description="request body limit except uploads")
+    max_delta_bytes: int = Field(16 * MiB, ge=1024, description="delta file size limit")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="width*height limit per image")
+    max_images_per_request: int = Field(64, ge=1)
+    max_labels: int = Field(100_000, ge=1)
+    max_batch_size: int = Field(32, ge=1)
+    max_queue_delay_ms: float = Field(5.0, ge=0)
+    max_queue_size: int = Field(1024, ge=1, description="images waiting in the scheduler, then 429")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline of a request, body read included")
+    max_cache_bytes: int = Field(1 << 30, ge=0, description="merged-copy cache size")
+
+    # shutdown: readiness turns 503 for drain_delay_s before the listener closes, then in-flight
+    # requests get graceful_timeout_s to finish
+    drain_delay_s: float = Field(2.0, ge=0)
+    graceful_timeout_s: float = Field(30.0, ge=0)
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        if isinstance(value, SecretStr) and not value.get_secret_value().strip():
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_open_admin_plane(self) -> Settings:
+        if self.admin_token is None and not is_loopback(self.host):
+            raise ValueError(
+                f"refusing to listen on {self.host} without an admin token: set SSF_ADMIN_TOKEN "
+                "or listen on 127.0.0.1"
+            )
+        if self.backend == "onnx" and (self.dtype != "float32" or self.device == "cuda"):
+            raise ValueError("the onnx backend runs float32 on the CPU: drop --device cuda and SSF_DTYPE")
+        return self
+
+    @property
+    def admin_enabled(self) -> bool:
+        return self.admin_token is not None
+
+    @property
+    def max_upload_body_bytes(self) -> int:
+        """The body limit of ``POST /tasks``: the delta plus room for the multipart envelope."""
+        return self.max_delta_bytes + 64 * 1024
