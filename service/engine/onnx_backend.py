@@ -1,10 +1,11 @@
 """ONNX: one exported graph of the plain backbone, and per task a merged graph made by replacing initializers.
 
 The base is exported once with every bias that folding can create already present (biases of ops that
-have none, e.g. ``qkv_bias=False``), so every folded tensor has an initializer of the same name as its
-state-dict key and a task's graph is the base graph with those initializers swapped. The mapping is
-verified at start: replacing every mapped initializer with the base weights must reproduce the base
-model's outputs. Sessions live in an LRU bounded in bytes, keyed by (task, version).
+have none, e.g. ``qkv_bias=False``) and with distinct placeholder values (so the exporter cannot merge
+equal tensors), so every state-dict key has an initializer of its own name; the real base values then
+replace the placeholders, and a task's graph is that base graph with the folded initializers swapped.
+The mapping is verified at start: the graph holding the base weights must reproduce the base model's
+outputs. Sessions live in an LRU bounded in bytes, keyed by (task, version).
 """
 
 from __future__ import annotations
@@ -65,9 +66,12 @@ class OnnxBackend:
         self.state = {**ssf.fold_state_dict(self.base, self.sites, identity), **self.base}
         self.created = sorted(set(self.state) - set(self.base))
         g = torch.Generator().manual_seed(0)
-        export_state = dict(self.state)
-        for key in self.created:  # distinct values: no exporter may merge two created biases into one
-            export_state[key] = torch.randn(self.state[key].shape, generator=g) * 1e-3
+        # Export with distinct random values: the exporter merges initializers of equal value (e.g. two
+        # all-zero biases), which would tie tensors that tasks fold differently. The real values go in after.
+        export_state = {
+            k: torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+            for k, v in self.state.items()
+        }
         model = build_plain(torch_backend.skeleton, export_state).to("cpu").float()
         size = tuple(int(d) for d in ssf.sites.input_size(model))
         example = torch.randn(2, *size, generator=g)
@@ -78,13 +82,14 @@ class OnnxBackend:
             raise OnnxExportError(
                 f"{len(missing)} weights have no initializer of their name, e.g. {missing[:3]}"
             )
+        self.proto = onnx.load_from_string(self.graph_bytes(self.state))
         self._verify(example, build_plain(torch_backend.skeleton, self.state).to("cpu").float())
         self.sessions: ByteLRU[ort.InferenceSession] = ByteLRU("onnx", max_cache_bytes, metrics)
         self.last_merge_s = 0.0
 
     def _verify(self, example: torch.Tensor, plain: torch.nn.Module) -> None:
         """Replacing every mapped initializer with the base weights must reproduce the base outputs."""
-        session = self.base_session = self._session(self.graph_bytes(self.state))
+        session = self.base_session = self._session(self.graph_bytes({}))
         got = session.run(["logits"], {"image": example.numpy()})[0]
         with torch.inference_mode():
             want = plain(example).numpy()
@@ -105,13 +110,11 @@ class OnnxBackend:
         return graph.SerializeToString()
 
     def merged_state(self, entry: TaskEntry) -> dict[str, torch.Tensor]:
-        """The tensors of the task's graph that differ from the exported one (always the created biases)."""
+        """The tensors of the task's graph that differ from the base graph."""
         delta = entry.delta
         folded = [s for s in self.sites if s.path in delta.sites]
         merged = ssf.fold_state_dict(self.base, folded, delta.sites, delta.head)
-        out = {k: self.state[k] for k in self.created}
-        out.update({k: v for k, v in merged.items() if v is not self.base.get(k)})
-        return out
+        return {k: v for k, v in merged.items() if v is not self.base.get(k)}
 
     def merged_bytes(self, entry: TaskEntry) -> bytes:
         return self.graph_bytes(self.merged_state(entry))

@@ -7,11 +7,18 @@ import asyncio
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
+import ssf
 from service.engine.engine import Engine
+from service.engine.metrics import EngineMetrics
+from service.engine.onnx_backend import OnnxBackend
 from service.engine.protocol import PredictionResult
+from service.engine.resident import TaskEntry
 from service.engine.scheduler import SchedulerConfig
+from service.engine.torch_backend import TorchBackend
+from service.store.base import StoredTask
 from tests.service.engine.helpers import (
     MODELS,
     MemoryStore,
@@ -95,3 +102,26 @@ def test_merged_mixed_onnx_and_reference_agree(family: str, weights_dir: Path) -
             assert (got - want).abs().max() <= 1e-4, (path, i, float((got - want).abs().max()))
             labels = [row[0].label for row in per_task[i].predictions]
             assert labels == [f"task-{i}-class{int(k)}" for k in want.argmax(-1)]
+
+
+def test_onnx_mapping_survives_equal_valued_weights() -> None:
+    """A freshly initialised backbone has many equal tensors (LayerNorm ones, zero biases) that the exporter
+    would merge into one initializer; every task's graph must still match its PyTorch merged copy."""
+    model = timm.create_model("test_vit", pretrained=False, num_classes=3, qkv_bias=False).eval()
+    sites = ssf.find_sites(model)
+    metrics = EngineMetrics()
+    backend = TorchBackend(model, sites, torch.device("cpu"), torch.float32, 1 << 30, metrics)
+    onnx = OnnxBackend(backend, 1 << 30, metrics)
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        s.path: (1 + 0.3 * torch.randn(s.channels, generator=g), 0.3 * torch.randn(s.channels, generator=g))
+        for s in sites
+    }
+    head = {k: torch.randn(v.shape, generator=g) for k, v in backend.base.items() if k.startswith("head.")}
+    delta = ssf.Delta("t", "test_vit", "", "foldable", "ssf", ["a", "b", "c"], tensors, head)
+    task = TaskEntry(stored=StoredTask("t", 1, "", 0, ""), delta=delta)
+    backend.install(task)
+    x = torch.randn(2, 3, 160, 160, generator=g)
+    want = backend.run_merged(task, x)
+    assert (onnx.run(task, x) - want).abs().max() <= 1e-4 * max(1.0, float(want.abs().max()))
+    assert onnx.created  # qkv_bias=False: folding creates the qkv biases, carried by their own initializers

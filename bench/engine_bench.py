@@ -1,0 +1,191 @@
+"""B1/B3 on this machine: the engine's paths against the bare backbone, merge time, ONNX against PyTorch.
+
+Every ratio is measured side by side in one run: the variants of one batch size are timed in interleaved
+repetitions (the order rotates each round) and each gets the median of N. Mixed batches hold all-distinct
+tasks (the worst case for the mixed path). Writes ``bench/results/engine.md`` and ``engine.png``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import ssf
+from bench.report import RESULTS, machine_line, write_section
+from service.engine.merged import MergedBuilder
+from service.engine.metrics import EngineMetrics
+from service.engine.resident import TaskEntry
+from service.engine.torch_backend import TorchBackend
+from service.store.base import StoredTask
+
+BATCHES = (1, 4, 16, 64)
+
+
+def random_entry(spec: ssf.BackboneSpec, head: dict[str, torch.Tensor], name: str, seed: int) -> TaskEntry:
+    g = torch.Generator().manual_seed(seed)
+    sites = {
+        s.path: (1 + 0.2 * torch.randn(s.channels, generator=g), 0.2 * torch.randn(s.channels, generator=g))
+        for s in spec.sites
+    }
+    heads = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in head.items()}
+    delta = ssf.Delta(
+        name, spec.model, spec.fingerprint, "foldable", "ssf", [str(i) for i in range(10)], sites, heads
+    )
+    stored = StoredTask(name=name, version=1, sha256="", size_bytes=0, created_at="")
+    return TaskEntry(stored=stored, delta=delta)
+
+
+def interleaved(variants: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
+    """Median seconds per variant; rounds rotate the order so drift hits every variant alike."""
+    names = list(variants)
+    for fn in variants.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(reps):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            variants[n]()
+            times[n].append(time.perf_counter() - start)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def setup(model_name: str, tasks: int) -> tuple[TorchBackend, list[TaskEntry], tuple[int, ...]]:
+    model = ssf.create_backbone(model_name, pretrained=False, num_classes=10).eval()
+    spec = ssf.BackboneSpec.from_model(model, model_name)
+    head = {k: v for k, v in model.state_dict().items() if k.startswith(spec.head_prefix + ".")}
+    size = tuple(int(d) for d in ssf.sites.input_size(model))
+    backend = TorchBackend(
+        model, list(spec.sites), torch.device("cpu"), torch.float32, 1 << 34, EngineMetrics()
+    )
+    entries = [random_entry(spec, head, f"task{i}", i) for i in range(tasks)]
+    for e in entries:
+        backend.install(e)
+    return backend, entries, size
+
+
+def bench_model(model_name: str, reps: int, batches: tuple[int, ...], onnx: bool) -> list[dict[str, Any]]:
+    backend, entries, size = setup(model_name, max(batches))
+    onnx_backend = None
+    if onnx:
+        from service.engine.onnx_backend import OnnxBackend
+
+        onnx_backend = OnnxBackend(backend, 1 << 34, backend.metrics)
+    rows = []
+    hot = entries[0]
+    for b in batches:
+        x = torch.randn(b, *size)
+        groups = [(entries[i], 1) for i in range(b)]  # all-distinct tasks
+        backend.run_merged(hot, x)  # build (and cache) the merged copy outside the timing
+        variants: dict[str, Callable[[], Any]] = {
+            "bare": lambda x=x: backend.run_bare(x),
+            "merged": lambda x=x: backend.run_merged(hot, x),
+            "mixed": lambda x=x, g=groups: backend.run_mixed(x, g),
+        }
+        if onnx_backend is not None:
+            onnx_backend.run(hot, x)
+            variants["onnx"] = lambda x=x: onnx_backend.run(hot, x)
+        t = interleaved(variants, reps)
+        rows.append({"model": model_name, "batch": b, **t})
+        print(
+            f"[engine_bench] {model_name} b={b}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in t.items()),
+            flush=True,
+        )
+    return rows
+
+
+def merge_seconds(model_name: str, reps: int) -> dict[str, Any]:
+    model = ssf.create_backbone(model_name, pretrained=False, num_classes=10).eval()
+    spec = ssf.BackboneSpec.from_model(model, model_name)
+    head = {k: v for k, v in model.state_dict().items() if k.startswith(spec.head_prefix + ".")}
+    backend = TorchBackend(
+        model, list(spec.sites), torch.device("cpu"), torch.float32, 1 << 34, EngineMetrics()
+    )
+    builder: MergedBuilder = backend.builder
+    entry = random_entry(spec, head, "m", 0)
+    times, owned = [], 0
+    for _ in range(reps):
+        _, owned, seconds = builder.build(entry.delta.sites, entry.delta.head)
+        times.append(seconds)
+    base = sum(t.nbytes for t in backend.base.values())
+    return {
+        "model": model_name,
+        "merge_ms": 1e3 * statistics.median(times),
+        "copy_mb": owned / 1e6,
+        "base_mb": base / 1e6,
+    }
+
+
+def plot(rows: list[dict[str, Any]], path: Any) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], models, strict=True):
+        rs = [r for r in rows if r["model"] == m]
+        bs = [r["batch"] for r in rs]
+        ax.plot(bs, [r["merged"] / r["bare"] for r in rs], "o-", label="merged / bare")
+        ax.plot(bs, [r["mixed"] / r["bare"] for r in rs], "s-", label="mixed (all distinct) / bare")
+        if "onnx" in rs[0]:
+            ax.plot(bs, [r["onnx"] / r["merged"] for r in rs], "^-", label="ONNX / PyTorch merged")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("time ratio (lower is faster)")
+        ax.set_title(m)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(quick: bool = False) -> None:
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    reps = 5 if quick else 15
+    rows = []
+    for name in ("test_vit", "ssf_demo_vit"):
+        rows += bench_model(name, reps, BATCHES[:3] if quick else BATCHES, onnx=True)
+    merges = [merge_seconds(n, reps) for n in ("test_vit", "ssf_demo_vit")]
+    merges.append(merge_seconds("vit_base_patch16_224", 3))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    plot(rows, RESULTS / "engine.png")
+    lines = [
+        "## Engine paths against the bare backbone (B1, B3 on CPU)",
+        "",
+        machine_line(),
+        f"Median of {reps} interleaved repetitions per cell; forward only (pre-decoded tensors), fp32; "
+        "mixed batches hold all-distinct tasks; ONNX is ONNX Runtime (CPU EP) on the same task's merged "
+        "graph.",
+        "",
+        "| model | batch | bare ms | merged / bare | mixed / bare | ONNX / PyTorch merged |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        onnx = f"{r['onnx'] / r['merged']:.3f}" if "onnx" in r else "n/a"
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['bare'] * 1e3:.2f} | {r['merged'] / r['bare']:.3f} | "
+            f"{r['mixed'] / r['bare']:.3f} | {onnx} |"
+        )
+    lines += [
+        "",
+        "Merge time (one merged copy from the pristine base, `fold_state_dict` into a meta skeleton; "
+        "random weights; median):",
+        "",
+        "| model | merge ms | bytes a copy owns (MB) | base (MB) |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {m['model']} | {m['merge_ms']:.1f} | {m['copy_mb']:.1f} | {m['base_mb']:.1f} |" for m in merges
+    ]
+    lines += ["", "![engine paths](results/engine.png)"]
+    print(write_section("engine", "\n".join(lines)))
+
+
+if __name__ == "__main__":
+    main(quick="--quick" in sys.argv)
