@@ -1,0 +1,98 @@
+"""S7: every admin operation, enumerated from the app's own OpenAPI document (so a new route is covered
+the day it is added), refuses a missing, empty, malformed or wrong token; the token is never logged."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+from tests.service.api.conftest import AUTH, TOKEN, assert_error, make_settings
+from tests.service.api.fake_engine import FakeEngine, fake_delta
+
+# Routes anyone may call even though they are not GETs; everything else that writes is admin.
+PUBLIC_WRITES = {("post", "/tasks/{name}/predict")}
+ADMIN_READS = {("get", "/tasks/{name}/model.onnx")}
+
+
+def operations() -> list[tuple[str, str, bool]]:
+    spec = create_app(make_settings(), engine=FakeEngine()).openapi()
+    out = []
+    for path, methods in spec["paths"].items():
+        for method, op in methods.items():
+            out.append((method, path, bool(op.get("security"))))
+    return out
+
+
+OPERATIONS = operations()
+ADMIN_OPS = [(m, p) for m, p, secured in OPERATIONS if secured]
+
+
+def test_admin_set_is_what_the_contract_says() -> None:
+    for method, path, secured in OPERATIONS:
+        must_be_admin = (method != "get" and (method, path) not in PUBLIC_WRITES) or (
+            method,
+            path,
+        ) in ADMIN_READS
+        assert secured == must_be_admin, f"{method.upper()} {path}: admin={secured}"
+    assert len(ADMIN_OPS) >= 3
+
+
+BAD_HEADERS = [
+    ({}, 401, "missing_token"),
+    ({"Authorization": ""}, 401, "missing_token"),
+    ({"Authorization": "Bearer"}, 401, "missing_token"),
+    ({"Authorization": "Bearer    "}, 401, "missing_token"),
+    ({"Authorization": f"Basic {TOKEN}"}, 401, "missing_token"),
+    ({"Authorization": "Bearer wrong-token"}, 403, "invalid_token"),
+    ({"Authorization": f"Bearer {TOKEN}x"}, 403, "invalid_token"),
+    ({"Authorization": f"Bearer {TOKEN[:-1]}"}, 403, "invalid_token"),
+    ({"Authorization": "Bearer \u00e9\u00e9".encode("latin-1")}, 403, "invalid_token"),
+]
+
+
+def _request(client: TestClient, method: str, path: str, headers: dict[str, str]):  # type: ignore[no-untyped-def]
+    url = path.replace("{name}", "cats")
+    files = {"delta": ("d", fake_delta("cats"))} if method == "post" else None
+    return client.request(method.upper(), url, headers=headers, files=files)
+
+
+@pytest.mark.parametrize(("method", "path"), ADMIN_OPS, ids=[f"{m} {p}" for m, p in ADMIN_OPS])
+@pytest.mark.parametrize(("headers", "status", "code"), BAD_HEADERS)
+def test_admin_routes_refuse_bad_tokens(
+    with_task: TestClient, engine: FakeEngine, method: str, path: str, headers: dict, status: int, code: str
+) -> None:
+    before = dict(engine.tasks)
+    r = _request(with_task, method, path, headers)
+    assert_error(r, status, code)
+    if status == 401:
+        assert r.headers["www-authenticate"].startswith("Bearer")
+    assert engine.tasks == before  # nothing changed
+
+
+@pytest.mark.parametrize(("method", "path"), ADMIN_OPS, ids=[f"{m} {p}" for m, p in ADMIN_OPS])
+def test_admin_routes_accept_the_token(with_task: TestClient, method: str, path: str) -> None:
+    r = _request(with_task, method, path + ("?replace=true" if method == "post" else ""), AUTH)
+    assert r.status_code < 300, r.text
+
+
+@pytest.mark.parametrize(("method", "path"), ADMIN_OPS, ids=[f"{m} {p}" for m, p in ADMIN_OPS])
+def test_admin_plane_off_without_a_configured_token(method: str, path: str) -> None:
+    app = create_app(make_settings(admin_token=None), engine=FakeEngine())
+    with TestClient(app, raise_server_exceptions=False) as c:
+        for headers in ({}, AUTH):
+            assert_error(_request(c, method, path, headers), 403, "admin_disabled")
+
+
+def test_token_never_logged(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    client.post("/tasks", files={"delta": ("d", fake_delta())}, headers=AUTH)
+    client.delete("/tasks/nope", headers={"Authorization": f"Bearer {TOKEN}-wrong"})
+    client.get("/tasks/cats/model.onnx", headers=AUTH)
+    assert caplog.records
+    for record in caplog.records:
+        assert TOKEN not in record.getMessage()
+        assert TOKEN not in repr(record.__dict__)
+    assert TOKEN not in repr(make_settings())
