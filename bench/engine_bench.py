@@ -1,12 +1,13 @@
 """B1/B3 on this machine: the engine's paths against the bare backbone, merge time, ONNX against PyTorch.
 
 Every ratio is measured side by side in one run: the variants of one batch size are timed in interleaved
-repetitions (the order rotates each round) and each gets the median of N. Mixed batches hold all-distinct
-tasks (the worst case for the mixed path). Writes ``bench/results/engine.md`` and ``engine.png``.
+repetitions (in a fresh random order each round) and each gets the median of N. Mixed batches hold
+all-distinct tasks (the worst case for the mixed path). Writes ``bench/results/engine.md`` and ``engine.png``.
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 import sys
 import time
@@ -41,13 +42,16 @@ def random_entry(spec: ssf.BackboneSpec, head: dict[str, torch.Tensor], name: st
 
 
 def interleaved(variants: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
-    """Median seconds per variant; rounds rotate the order so drift hits every variant alike."""
+    """Median seconds per variant; each round runs the variants in a fresh random order, so drift and
+    whatever one variant leaves behind (caches, thread pools) hit every variant alike."""
     names = list(variants)
+    rng = random.Random(0)
     for fn in variants.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(reps):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
+    for _ in range(reps):
+        rng.shuffle(names)
+        for n in names:
             start = time.perf_counter()
             variants[n]()
             times[n].append(time.perf_counter() - start)

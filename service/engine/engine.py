@@ -82,6 +82,8 @@ class Engine:
         self.device = resolve_device("cpu" if backend == "onnx" else device)
         self.limits = limits or EngineLimits()
         self.scheduler_config = scheduler or SchedulerConfig()
+        if self.limits.images.max_images > self.scheduler_config.max_queue_images:
+            raise ValueError("max_queue_images must hold at least one request of max_images images")
         self.max_cache_bytes = max_cache_bytes
         self.reconcile_interval_s = reconcile_interval_s
         self.pretrained = pretrained
@@ -91,8 +93,8 @@ class Engine:
         self._resident: dict[str, TaskEntry] = {}
         self._retired: list[TaskEntry] = []
         self._bad: set[tuple[str, int]] = set()
-        self._name_locks: dict[str, asyncio.Lock] = {}
-        self._background: list[asyncio.Task[None]] = []
+        self._name_locks: dict[str, tuple[asyncio.Lock, int]] = {}  # (lock, holders): dropped at 0
+        self._background: set[asyncio.Task[None]] = set()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="ssf-model")
         self._cpu_pool = ThreadPoolExecutor(2, thread_name_prefix="ssf-cpu")
         self._onnx: Any = None  # OnnxBackend, built on first use (always at start for backend='onnx')
@@ -115,7 +117,7 @@ class Engine:
             grouped_only=self.backend_name == "onnx",
         )
         self.scheduler.start()
-        self._background.append(self._loop.create_task(self._reconcile_forever(), name="ssf-reconcile"))
+        self._spawn(self._reconcile_forever())
         self.store.watch(self._on_store_change)
         self.ready = True
         log.info("engine ready: %s, %d tasks resident", self.model_name, len(self._resident))
@@ -126,9 +128,9 @@ class Engine:
         self.draining = True
         if hasattr(self, "scheduler"):
             await self.scheduler.stop(drain_timeout_s)
-        for task in self._background:
+        for task in list(self._background):
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*list(self._background), return_exceptions=True)
         self._background.clear()
         self._model_thread.shutdown(wait=False, cancel_futures=True)
         self._cpu_pool.shutdown(wait=False, cancel_futures=True)
@@ -314,15 +316,23 @@ class Engine:
         entry = self._resident.get(name)
         if entry is not None:
             return entry
-        lock = self._name_locks.setdefault(name, asyncio.Lock())
-        async with lock:  # concurrent first requests load the task once
-            entry = self._resident.get(name)
-            if entry is None:
-                stored = await self._on_cpu(self.store.get, name)  # TaskNotFound -> 404
-                entry = await self._load_stored(stored)
+        lock, holders = self._name_locks.get(name, (asyncio.Lock(), 0))
+        self._name_locks[name] = (lock, holders + 1)
+        try:
+            async with lock:  # concurrent first requests load the task once
+                entry = self._resident.get(name)
                 if entry is None:
-                    raise TaskNotFound(name)
-            return entry
+                    stored = await self._on_cpu(self.store.get, name)  # TaskNotFound -> 404
+                    entry = await self._load_stored(stored)
+                    if entry is None:
+                        raise TaskNotFound(name)
+                return entry
+        finally:  # never keep a lock per name ever asked for (unknown names would grow it forever)
+            lock, holders = self._name_locks[name]
+            if holders == 1:
+                del self._name_locks[name]
+            else:
+                self._name_locks[name] = (lock, holders - 1)
 
     async def _load_stored(self, stored: StoredTask) -> TaskEntry | None:
         """Validate a stored version and make it resident; a bad one is logged and skipped (None)."""
@@ -380,9 +390,15 @@ class Engine:
         """A hint from the store (maybe from another thread): refresh that one task soon."""
         if self.draining:
             return
-        self._loop.call_soon_threadsafe(
-            lambda: self._background.append(self._loop.create_task(self._hint(name)))
-        )
+        try:
+            self._loop.call_soon_threadsafe(self._spawn, self._hint(name))
+        except RuntimeError:  # the loop is closed: the engine is gone
+            pass
+
+    def _spawn(self, coro: Any) -> None:
+        task = self._loop.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _hint(self, name: str) -> None:
         try:

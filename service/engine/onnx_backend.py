@@ -123,6 +123,8 @@ class OnnxBackend:
     def _session(data: bytes) -> ort.InferenceSession:
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # no busy-waiting between runs: the idle pool would steal the cores the PyTorch path is using
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
     def session(self, entry: TaskEntry) -> ort.InferenceSession:

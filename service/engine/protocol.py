@@ -86,7 +86,8 @@ class EngineAPI(Protocol):
 
     ready: bool
 
-    def backbone_info(self) -> dict[str, Any]: ...  # model, fingerprint, input_size, site_scheme, backend, device, dtype
+    # backbone_info: model, fingerprint, input_size, site_scheme, backend, device, dtype
+    def backbone_info(self) -> dict[str, Any]: ...
 
     def list_tasks(self) -> list[StoredTask]: ...
 
@@ -102,7 +103,22 @@ class EngineAPI(Protocol):
 
 
 __all__ = [
-    "BadImage", "DeadlineExceeded", "DeltaTooLarge", "EngineAPI", "EngineError", "ImageTooLarge", "InvalidDelta", "InvalidParameter",
-    "Overloaded", "PredictionResult", "Scored", "StoreError", "StoreUnavailable", "StoredTask", "TaskExists",
-    "TaskNotFound", "Unavailable", "UnsupportedMediaType",
+    "BadImage",
+    "DeadlineExceeded",
+    "DeltaTooLarge",
+    "EngineAPI",
+    "EngineError",
+    "ImageTooLarge",
+    "InvalidDelta",
+    "InvalidParameter",
+    "Overloaded",
+    "PredictionResult",
+    "Scored",
+    "StoreError",
+    "StoreUnavailable",
+    "StoredTask",
+    "TaskExists",
+    "TaskNotFound",
+    "Unavailable",
+    "UnsupportedMediaType",
 ]

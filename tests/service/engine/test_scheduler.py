@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from service.engine.engine import Engine
+from service.engine.engine import Engine, EngineLimits
+from service.engine.images import ImageLimits
 from service.engine.merged import ByteLRU
 from service.engine.metrics import EngineMetrics
 from service.engine.protocol import DeadlineExceeded, Overloaded, Unavailable
@@ -61,7 +62,11 @@ def test_full_queue_answers_overloaded_at_once(weights_dir: Path) -> None:
         assert sample(engine, "ssf_engine_rejected_total", reason="queue_full") == 1
         assert all(r.version == 1 for r in await asyncio.gather(first, *queued))
 
-    run(vit_engine(weights_dir, path_policy="mixed", max_queue_images=4, max_batch_size=2), scenario)
+    limits = EngineLimits(images=ImageLimits(max_images=2))
+    run(
+        vit_engine(weights_dir, path_policy="mixed", max_queue_images=4, max_batch_size=2, limits=limits),
+        scenario,
+    )
 
 
 def test_auto_policy_merges_a_full_batch_and_mixes_the_long_tail(weights_dir: Path) -> None:
