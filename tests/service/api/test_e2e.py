@@ -1,0 +1,189 @@
+"""End to end: ``python -m service.cli`` (what the ``ssf-serve`` script runs) in a subprocess with uvicorn
+on a free loopback port, a tiny random backbone, a local store directory, deltas from the ssf core and
+Pillow images. Also: JSON logs without the token, and a graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.client import Client, SSFError
+from tests.conftest import free_port
+from tests.service.api import kit
+
+import service.store
+
+pytestmark = [
+    pytest.mark.e2e,
+    # Runs as soon as the store lands (service.store.open_store); until then it says why it cannot.
+    pytest.mark.skipif(
+        not hasattr(service.store, "open_store"), reason="service.store.open_store is missing"
+    ),
+]
+
+TOKEN = "e2e-admin-token-5d1c0b"
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_server(tmp: Path, weights: Path, drain_delay_s: float = 0.0) -> Server:
+    port = free_port()
+    log = tmp / f"server-{port}.log"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SSF_")},
+        "SSF_ADMIN_TOKEN": TOKEN,
+        "SSF_DRAIN_DELAY_S": str(drain_delay_s),
+        "SSF_MAX_QUEUE_DELAY_MS": "1",
+    }
+    cmd = [sys.executable, "-m", "service.cli", "--model", kit.MODEL, "--weights", str(weights)]
+    cmd += ["--store", str(tmp / "store"), "--device", "cpu", "--port", str(port), "--log-level", "debug"]
+    with log.open("wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    server = Server(proc, f"http://127.0.0.1:{port}", log)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"ssf-serve exited {proc.returncode}:\n{server.logs()[-3000:]}")
+        try:
+            if httpx.get(server.url + "/readyz", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"ssf-serve not ready after 90 s:\n{server.logs()[-3000:]}")
+
+
+def stop(server: Server) -> int:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+    return server.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return kit.backbone_file(tmp_path_factory.mktemp("e2e-backbone"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, weights: Path) -> Iterator[Server]:
+    s = start_server(tmp_path_factory.mktemp("e2e"), weights)
+    yield s
+    stop(s)
+
+
+def test_upload_predict_replace_delete(server: Server, weights: Path) -> None:
+    images = [kit.image("PNG", 1), kit.image("JPEG", 2)]
+    with Client(server.url, token=TOKEN) as c:
+        assert c.backbone()["model"] == kit.MODEL
+        info = c.upload(kit.delta_bytes(weights, "cats", 1))
+        assert (info["name"], info["version"], info["num_classes"]) == ("cats", 1, 4)
+        v1 = c.predict("cats", images, top_k=2)
+        assert v1["version"] == 1 and [len(p) for p in v1["predictions"]] == [2, 2]
+        assert c.upload(kit.delta_bytes(weights, "cats", 2), replace=True)["version"] == 2
+        v2 = c.predict("cats", images, top_k=2)
+        assert v2["version"] == 2 and v2["predictions"] != v1["predictions"]
+        raw = httpx.post(
+            f"{server.url}/tasks/cats/predict", content=images[1], headers={"Content-Type": "image/jpeg"}
+        )
+        assert raw.status_code == 200 and raw.json()["version"] == 2
+        assert [t["name"] for t in c.list()] == ["cats"]
+        c.delete("cats")
+        with pytest.raises(SSFError) as e:
+            c.predict("cats", images)
+        assert e.value.status == 404
+        with pytest.raises(SSFError) as e:
+            c.get("cats")
+        assert e.value.status == 404
+
+
+def test_limits_and_auth_over_real_http(server: Server) -> None:
+    r = httpx.post(
+        f"{server.url}/tasks/x/predict",
+        content=b"\x00" * (9 * 1024 * 1024),
+        headers={"Content-Type": "image/png"},
+    )
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+    def chunked() -> Iterator[bytes]:
+        for _ in range(200):
+            yield b"\x00" * 65536
+
+    r = httpx.post(f"{server.url}/tasks/x/predict", content=chunked(), headers={"Content-Type": "image/png"})
+    assert r.status_code == 413
+    assert httpx.delete(f"{server.url}/tasks/x").status_code == 401
+    assert httpx.delete(f"{server.url}/tasks/x", headers={"Authorization": "Bearer no"}).status_code == 403
+    assert "ssf_http_request_duration_seconds" in httpx.get(f"{server.url}/metrics").text
+
+
+def test_logs_are_json_and_never_hold_the_token(server: Server) -> None:
+    httpx.get(f"{server.url}/healthz")
+    lines = [line for line in server.logs().splitlines() if line.strip()]
+    assert lines
+    for line in lines:
+        json.loads(line)  # every line one JSON object
+    assert TOKEN not in server.logs()
+    assert any('"route": "/healthz"' in line for line in lines)
+
+
+def test_sigterm_drains(tmp_path: Path, weights: Path) -> None:
+    """Readiness turns 503 at once; an in-flight request started before SIGTERM still succeeds."""
+    server = start_server(tmp_path, weights, drain_delay_s=1.0)
+    try:
+        with Client(server.url, token=TOKEN) as c:
+            c.upload(kit.delta_bytes(weights, "cats", 1))
+        result: dict[str, int] = {}
+        png = kit.image("PNG", 7)
+
+        def slow_body() -> Iterator[bytes]:
+            for i in range(0, len(png), max(1, len(png) // 8)):
+                time.sleep(0.25)
+                yield png[i : i + max(1, len(png) // 8)]
+
+        def in_flight() -> None:
+            r = httpx.post(
+                f"{server.url}/tasks/cats/predict",
+                content=slow_body(),
+                headers={"Content-Type": "image/png"},
+                timeout=30,
+            )
+            result["status"] = r.status_code
+
+        t = threading.Thread(target=in_flight)
+        t.start()
+        time.sleep(0.4)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert httpx.get(f"{server.url}/readyz").status_code == 503  # still listening, not ready
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
+        t.join(30)
+        assert result.get("status") == 200
+        server.proc.wait(timeout=30)
+        assert '"draining: readiness is now 503"' in server.logs() or "draining" in server.logs()
+    finally:
+        stop(server)
