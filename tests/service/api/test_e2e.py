@@ -18,11 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+import service.store
 from service.client import Client, SSFError
 from tests.conftest import free_port
 from tests.service.api import kit
-
-import service.store
 
 pytestmark = [
     pytest.mark.e2e,
