@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
+
 from service.client import Client, SSFError
 
 MODEL = "ssf_demo_vit"
@@ -58,7 +60,7 @@ def random_assets(directory: Path, num_tasks: int = 2) -> tuple[Path, list[Path]
                 affine.shift.copy_(0.2 * torch.randn(affine.shift.shape, generator=g))
             for name, p in model.named_parameters():
                 if name.startswith(ssf.head_prefix(model) + "."):
-                    p.copy_(0.5 * torch.randn(p.shape, generator=g))
+                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
         delta = ssf.delta_from_model(
             model,
             task=f"random-task-{i + 1}",
@@ -89,8 +91,8 @@ def wait_ready(proc: subprocess.Popen[bytes], client: Client, timeout_s: float =
         try:
             if client.ready():
                 return
-        except OSError:
-            pass
+        except httpx.HTTPError:
+            pass  # not listening yet
         time.sleep(0.25)
     raise SystemExit(f"demo: ssf-serve was not ready after {timeout_s:.0f} s")
 
