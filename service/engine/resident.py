@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -124,6 +125,10 @@ class GatherAffine(ssf.SiteAffine):
         shape[self.channel_dim] = self.channels
         scale = tables.scale[self.path].index_select(0, rows).view(shape)
         shift = tables.shift[self.path].index_select(0, rows).view(shape)
+        if x._base is None and not x.requires_grad:
+            # The op's fresh output is ours to overwrite: writing in place saves allocating (and, on CPU,
+            # page-faulting) one activation-sized tensor per site, most of the mixed path's overhead.
+            return torch.addcmul(shift, x, scale, out=x)
         return torch.addcmul(shift, x, scale)
 
 
@@ -146,6 +151,7 @@ class MixedModel:
         self.tables = tables
         ssf.attach_sites(model, sites, lambda site: GatherAffine(site, tables))
         self.heads = HeadRunner(model)
+        self.linear_head = _linear_head_keys(model)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, groups: list[tuple[TaskEntry, int]]) -> list[torch.Tensor]:
@@ -154,11 +160,33 @@ class MixedModel:
         self.tables.rows = torch.tensor(rows, dtype=torch.long, device=x.device)
         feats = self.model.forward_features(x)  # type: ignore[operator]
         out, start = [], 0
+        if self.linear_head is not None:
+            # The task head is one Linear: pooling and norms before it are shared, so pre-logits are
+            # computed once for the batch and each group costs one small matmul (no functional_call).
+            weight, bias = self.linear_head
+            pre = self.model.forward_head(feats, pre_logits=True)  # type: ignore[operator]
+            for entry, n in groups:
+                out.append(F.linear(pre[start : start + n], entry.head[weight], entry.head.get(bias)))
+                start += n
+            return out
         for entry, n in groups:
             params = {f"model.{k}": v for k, v in entry.head.items()}
             out.append(functional_call(self.heads, params, (feats[start : start + n],)))
             start += n
         return out
+
+
+def _linear_head_keys(model: nn.Module) -> tuple[str, str] | None:
+    """(weight key, bias key) when everything task-specific in the head is one Linear classifier."""
+    classifier = model.get_classifier()  # type: ignore[operator]
+    if not isinstance(classifier, nn.Linear):
+        return None
+    name = next(n for n, m in model.named_modules() if m is classifier)
+    prefix = ssf.head_prefix(model) + "."
+    head_keys = {k for k in model.state_dict() if k.startswith(prefix)}
+    if not head_keys <= {f"{name}.weight", f"{name}.bias"}:
+        return None  # e.g. ConvNeXt's head.norm: pre-logits differ per task
+    return f"{name}.weight", f"{name}.bias"
 
 
 def to_device(tensors: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
