@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+from functools import cache
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -139,11 +141,28 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
         message = f"no route {request.url.path}; see /docs"
     elif status == 405:
         message = f"{request.method} is not allowed on {request.url.path}"
+        allowed = allowed_methods(request.app, request.url.path)
+        if allowed:  # Starlette lists only the first matching route's methods; list every route's
+            return error_response(status, code, message, {"Allow": ", ".join(allowed)})
     else:
         message = str(exc.detail)
     if status >= 500:  # Starlette only raises these for our own bugs
         log.error("http %d on %s: %s", status, request.url.path, exc.detail)
     return error_response(status, code, message, dict(exc.headers or {}))
+
+
+@cache
+def _templates(app: FastAPI) -> list[tuple[re.Pattern[str], list[str]]]:
+    out = []
+    for template, ops in app.openapi()["paths"].items():
+        pattern = re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template))
+        out.append((re.compile(f"^{pattern}$"), sorted(m.upper() for m in ops)))
+    return out
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every documented method of every route template that matches ``path``."""
+    return sorted({m for regex, methods in _templates(app) if regex.match(path) for m in methods})
 
 
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:

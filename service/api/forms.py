@@ -7,8 +7,9 @@ a single body byte is read, and parser errors become our error codes instead of 
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Path, Request
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -19,7 +20,13 @@ from service.api.errors import ApiError
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 
-def check_task_name(name: str) -> str:
+def check_task_name(
+    name: Annotated[
+        str,
+        # documented for clients (and schemathesis); checked below so the error is ours: invalid_task_name
+        Path(json_schema_extra={"pattern": TASK_NAME_RE.pattern, "maxLength": 63}),
+    ],
+) -> str:
     if not TASK_NAME_RE.match(name):
         shown = name if len(name) <= 80 else name[:80] + "..."
         raise ApiError(422, "invalid_task_name", f"task name {shown!r} must match {TASK_NAME_RE.pattern}")

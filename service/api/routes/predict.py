@@ -22,12 +22,20 @@ PREDICT_BODY = {
                 "schema": {
                     "type": "object",
                     "required": ["image"],
+                    "additionalProperties": False,
                     "properties": {
-                        "image": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                        "image": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {"type": "string", "format": "binary"},
+                        }
                     },
                 }
             },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            **{
+                kind: {"schema": {"type": "string", "format": "binary"}}
+                for kind in ("image/jpeg", "image/png", "image/webp", "image/bmp")
+            },
         },
     }
 }

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from service.api.deps import Admin, EngineDep, SettingsDep
 from service.api.errors import ApiError
-from service.api.forms import check_task_name, files, media_type, parse_multipart
+from service.api.forms import TASK_NAME_RE, check_task_name, files, media_type, parse_multipart
 from service.api.schemas import ErrorBody, TaskInfo, TaskList
 from service.engine.protocol import DeltaTooLarge
 
@@ -30,9 +30,14 @@ UPLOAD_BODY = {
                 "schema": {
                     "type": "object",
                     "required": ["delta"],
+                    "additionalProperties": False,
                     "properties": {
                         "delta": {"type": "string", "format": "binary", "description": "ssf-delta file"},
-                        "name": {"type": "string", "description": "overrides the task name in the file"},
+                        "name": {
+                            "type": "string",
+                            "pattern": TASK_NAME_RE.pattern,
+                            "description": "overrides the task name in the file",
+                        },
                     },
                 }
             }

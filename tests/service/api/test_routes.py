@@ -256,3 +256,16 @@ def test_openapi_docs_served(client: TestClient) -> None:
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     assert "/tasks/{name}/predict" in spec["paths"]
+
+
+def test_405_allow_lists_every_method_of_the_path(client: TestClient) -> None:
+    r = client.request("OPTIONS", "/tasks")
+    assert_error(r, 405)
+    assert r.headers["allow"] == "GET, POST"
+    assert client.request("PATCH", "/tasks/cats").headers["allow"] == "DELETE, GET"
+
+
+def test_openapi_documents_the_task_name_pattern(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    params = spec["paths"]["/tasks/{name}"]["get"]["parameters"]
+    assert params[0]["schema"]["pattern"] == "^[a-z0-9][a-z0-9_.-]{0,62}$"
