@@ -23,11 +23,13 @@ FAMILY = "vit"
 
 def vit_engine(weights_dir: Path, store: MemoryStore | None = None, **config: Any) -> Engine:
     limits = config.pop("limits", None)
+    dtype = config.pop("dtype", "float32")
     settings = {"max_queue_delay_ms": 30.0, **config}
     return Engine(
         MODELS[FAMILY],
         backbone_file(FAMILY, weights_dir),
         store if store is not None else MemoryStore(),
+        dtype=dtype,
         scheduler=SchedulerConfig(**settings),
         limits=limits,
         reconcile_interval_s=3600,  # tests call reconcile() themselves
@@ -171,3 +173,42 @@ def test_add_task_refusals(weights_dir: Path) -> None:
         assert info["fingerprint"].startswith("sha256:")
 
     run(vit_engine(weights_dir, limits=EngineLimits(max_delta_bytes=10_000_000)), scenario)
+
+
+def test_change_notice_from_another_thread_is_followed(weights_dir: Path) -> None:
+    store = MemoryStore()
+    v1, v2 = make_task(FAMILY, seed=70), make_task(FAMILY, seed=71)
+
+    async def scenario(engine: Engine) -> None:
+        await engine.add_task(delta_bytes(FAMILY, v1, "hinted"), None, replace=False)
+        store.put("hinted", delta_bytes(FAMILY, v2, "hinted"), {}, replace=True)  # another replica's write
+        await asyncio.to_thread(store._callbacks[0], "hinted")  # its notice, delivered on a foreign thread
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if engine._resident["hinted"].version == 2:
+                break
+        assert (await engine.predict("hinted", images(1), 1)).version == 2
+        store.delete("hinted")
+        await asyncio.to_thread(store._callbacks[0], "hinted")
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if "hinted" not in engine._resident:
+                break
+        assert engine.metrics.registry.get_sample_value("ssf_engine_tasks_resident") == 0
+
+    run(vit_engine(weights_dir, store), scenario)
+
+
+@pytest.mark.parametrize("policy", ["mixed", "merged"])
+def test_bfloat16_engine_stays_close_to_the_fp32_reference(weights_dir: Path, policy: str) -> None:
+    model = make_task(FAMILY, seed=80)
+    batch = images(2, seed=4)
+
+    async def scenario(engine: Engine) -> None:
+        await engine.add_task(delta_bytes(FAMILY, model, "half"), None, replace=False)
+        got = probs(await engine.predict("half", batch, top_k=5))
+        want = torch.softmax(reference(model, engine.preprocess(batch)), -1)
+        assert (got - want).abs().max() <= 5e-2
+        assert engine.backbone_info()["dtype"] == "bfloat16"
+
+    run(vit_engine(weights_dir, path_policy=policy, dtype="bfloat16"), scenario)
