@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     admin_token: SecretStr | None = None
+    client_tokens: SecretStr | None = Field(
+        None, description="comma-separated tokens; when set, predict needs one of them (or the admin token)"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # limits (DESIGN.md "Security and robustness defaults")
@@ -61,7 +64,7 @@ class Settings(BaseSettings):
     drain_delay_s: float = Field(2.0, ge=0)
     graceful_timeout_s: float = Field(30.0, ge=0)
 
-    @field_validator("admin_token", mode="before")
+    @field_validator("admin_token", "client_tokens", mode="before")
     @classmethod
     def _empty_token_is_none(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():
@@ -84,6 +87,12 @@ class Settings(BaseSettings):
     @property
     def admin_enabled(self) -> bool:
         return self.admin_token is not None
+
+    @property
+    def client_token_list(self) -> list[str]:
+        if self.client_tokens is None:
+            return []
+        return [t.strip() for t in self.client_tokens.get_secret_value().split(",") if t.strip()]
 
     @property
     def max_upload_body_bytes(self) -> int:

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from starlette.types import Scope
 
 from service.api import errors
+from service.api.deps import Client
 from service.api.middleware import BodyLimitMiddleware, HttpMetrics, MetricsMiddleware
 from service.api.routes import backbone, health, predict, tasks
 from service.engine.protocol import EngineAPI
@@ -127,8 +128,10 @@ def create_app(settings: Settings, engine: EngineAPI | None = None) -> FastAPI:
     app.state.http_metrics = HttpMetrics()
 
     errors.install(app)
-    for module in (health, backbone, tasks, predict):
+    for module in (health, backbone, tasks):
         app.include_router(module.router)
+    # Predict is open unless client tokens are configured; only then does its schema declare auth.
+    app.include_router(predict.router, dependencies=[Client] if settings.client_token_list else [])
     # Last added is outermost: metrics see every response, including the body limit's 413s.
     app.add_middleware(
         BodyLimitMiddleware, limit_for=body_limit(settings), timeout_s=settings.request_timeout_s

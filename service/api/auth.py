@@ -1,4 +1,4 @@
-"""The admin bearer token check for mutating routes and the ONNX download.
+"""Bearer token checks: admin for mutating routes and the ONNX download; client tokens for predict.
 
 401 when no token is sent, 403 when a wrong one is (compared in constant time), 403 as well when the
 server has no token configured: then the admin plane is off rather than open.
@@ -42,3 +42,24 @@ def check_admin(request: Request, settings: Settings) -> None:
     expected = settings.admin_token.get_secret_value().encode()
     if not hmac.compare_digest(token.encode(), expected):
         raise ApiError(403, "invalid_token", "the admin token is wrong")
+
+
+def check_client(request: Request, settings: Settings) -> None:
+    """Predict needs a client token (or the admin token) only where client tokens are configured."""
+    allowed = settings.client_token_list
+    if not allowed:
+        return
+    if settings.admin_token is not None:
+        allowed = [*allowed, settings.admin_token.get_secret_value()]
+    token = bearer_token(request)
+    if token is None:
+        raise ApiError(
+            401, "missing_token", "this route needs 'Authorization: Bearer <client token>'", CHALLENGE
+        )
+    given = token.encode()
+    # compare against every token (no early exit) so timing does not tell which one came close
+    matched = False
+    for candidate in allowed:
+        matched |= hmac.compare_digest(given, candidate.encode())
+    if not matched:
+        raise ApiError(403, "invalid_token", "the client token is wrong")

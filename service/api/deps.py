@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.api.auth import check_admin
+from service.api.auth import check_admin, check_client
 from service.api.errors import ApiError
 from service.engine.protocol import EngineAPI
 from service.settings import Settings
@@ -43,3 +43,14 @@ def require_admin(
 
 
 Admin = Depends(require_admin)
+
+
+def require_client(
+    request: Request,
+    settings: SettingsDep,
+    _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> None:
+    check_client(request, settings)
+
+
+Client = Depends(require_client)

@@ -13,6 +13,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=Status)
+@router.get("/livez", response_model=Status, include_in_schema=False)  # the Kubernetes-style name
 async def healthz() -> Status:
     """200 while the process runs (liveness); says nothing about the engine."""
     return Status(status="ok")

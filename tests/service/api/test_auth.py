@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
-from tests.service.api.conftest import AUTH, TOKEN, assert_error, make_settings
+from tests.service.api.conftest import AUTH, TOKEN, assert_error, make_settings, png
 from tests.service.api.fake_engine import FakeEngine, fake_delta
 
 # Routes anyone may call even though they are not GETs; everything else that writes is admin.
@@ -96,3 +96,26 @@ def test_token_never_logged(client: TestClient, caplog: pytest.LogCaptureFixture
         assert TOKEN not in record.getMessage()
         assert TOKEN not in repr(record.__dict__)
     assert TOKEN not in repr(make_settings())
+
+
+def test_predict_is_open_without_client_tokens(with_task: TestClient) -> None:
+    r = with_task.post("/tasks/cats/predict", content=png(), headers={"Content-Type": "image/png"})
+    assert r.status_code == 200
+
+
+def test_client_tokens_guard_predict_only() -> None:
+    engine = FakeEngine()
+    app = create_app(make_settings(client_tokens="alpha-1, beta-2"), engine=engine)
+    raw = {"Content-Type": "image/png"}
+    with TestClient(app, raise_server_exceptions=False) as c:
+        assert c.post("/tasks", files={"delta": ("d", fake_delta("cats"))}, headers=AUTH).status_code == 201
+        assert_error(c.post("/tasks/cats/predict", content=png(), headers=raw), 401, "missing_token")
+        bad = {**raw, "Authorization": "Bearer gamma"}
+        assert_error(c.post("/tasks/cats/predict", content=png(), headers=bad), 403, "invalid_token")
+        for token in ("alpha-1", "beta-2", TOKEN):
+            ok = {**raw, "Authorization": f"Bearer {token}"}
+            assert c.post("/tasks/cats/predict", content=png(), headers=ok).status_code == 200
+        assert c.get("/tasks").status_code == 200  # reads stay open
+        assert c.get("/livez").status_code == 200
+        spec = c.get("/openapi.json").json()
+        assert spec["paths"]["/tasks/{name}/predict"]["post"]["security"]
