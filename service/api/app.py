@@ -81,8 +81,10 @@ async def _start_engine(app: FastAPI, settings: Settings) -> None:
         if start is not None:
             await start()
     except Exception as e:
-        app.state.start_error = f"{type(e).__name__}: {e}"
-        log.error("engine failed to start: %s", app.state.start_error, exc_info=e)
+        app.state.start_error = str(e) or type(e).__name__
+        # bad input (weights that do not fit, an unreadable store) needs the message, not a traceback
+        expected = isinstance(e, (ValueError, OSError)) or type(e).__name__ == "BackboneError"
+        log.error("engine failed to start: %s", app.state.start_error, exc_info=None if expected else e)
         on_fatal: Callable[[str], None] | None = app.state.on_fatal
         if on_fatal is not None:
             on_fatal(app.state.start_error)

@@ -186,3 +186,19 @@ def test_sigterm_drains(tmp_path: Path, weights: Path) -> None:
         assert '"draining: readiness is now 503"' in server.logs() or "draining" in server.logs()
     finally:
         stop(server)
+
+
+def test_weights_that_do_not_fit_end_with_one_line(tmp_path: Path) -> None:
+    import safetensors.torch
+    import torch
+
+    bad = tmp_path / "other.safetensors"
+    safetensors.torch.save_file({"not.a.vit.weight": torch.zeros(3)}, str(bad))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SSF_")}
+    cmd = [sys.executable, "-m", "service.cli", "--model", kit.MODEL, "--weights", str(bad)]
+    cmd += ["--store", str(tmp_path / "store"), "--device", "cpu", "--port", str(free_port())]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=env, cwd=ROOT)
+    assert r.returncode == 1, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("ssf-serve: error: the engine could not start: ") and "do not fit" in last
+    assert "Traceback" not in r.stderr
