@@ -59,10 +59,14 @@ class BodyLimitMiddleware:
         failure: ApiError | None = None
         started = False
 
+        body_done = False
+
         async def limited_receive() -> Message:
-            nonlocal received, failure
+            nonlocal received, failure, body_done
             if failure is not None:
                 raise failure
+            if body_done:  # later receives wait for a disconnect: no deadline on those
+                return await receive()
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
@@ -75,6 +79,7 @@ class BodyLimitMiddleware:
                 if received > limit:
                     failure = too_large(limit)
                     raise failure
+                body_done = not message.get("more_body", False)
             return message
 
         async def tracking_send(message: Message) -> None:

@@ -134,3 +134,27 @@ def test_slow_body_times_out_with_408() -> None:
 def test_upload_form_field_name_over_part_limit(client: TestClient) -> None:
     r = client.post("/tasks", files={"delta": ("d", fake_delta())}, data={"name": "a" * 5000}, headers=AUTH)
     assert_error(r, 400, "bad_multipart")
+
+
+def test_no_deadline_once_the_body_is_complete() -> None:
+    """Waiting for a disconnect after the body arrived must not turn into a 408."""
+    from service.api.middleware import BodyLimitMiddleware
+
+    seen: list[Message] = []
+
+    async def app(scope: dict, receive, send) -> None:  # type: ignore[no-untyped-def]
+        seen.append(await receive())
+        seen.append(await receive())  # the disconnect, after longer than the deadline
+
+    async def receive() -> Message:
+        if not seen:
+            return {"type": "http.request", "body": b"abc", "more_body": False}
+        await asyncio.sleep(0.3)
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        raise AssertionError(f"nothing should be sent: {message}")
+
+    mw = BodyLimitMiddleware(app, limit_for=lambda scope: 100, timeout_s=0.1)
+    asyncio.run(mw({"type": "http", "headers": []}, receive, send))
+    assert [m["type"] for m in seen] == ["http.request", "http.disconnect"]
