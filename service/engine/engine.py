@@ -186,6 +186,7 @@ class Engine:
         return self.store.get(name)
 
     async def add_task(self, data: bytes, name: str | None, replace: bool) -> StoredTask:
+        self._require_started()
         if len(data) > self.limits.max_delta_bytes:
             raise DeltaTooLarge(f"delta is {len(data)} bytes; the limit is {self.limits.max_delta_bytes}")
         delta = await self._on_cpu(self._validate, data)
@@ -221,6 +222,8 @@ class Engine:
         deadline = time.monotonic() + timeout
         self.preprocess.check_count(images)
         entry = await self._resolve(name)
+        while entry.retired:  # replaced while it was being loaded: serve the version that won
+            entry = await self._resolve(name)
         entry.inflight += 1
         try:
             x = await self._on_cpu(self.preprocess, images)
@@ -232,6 +235,7 @@ class Engine:
         return PredictionResult(name, entry.version, top_scores(logits, entry.labels, top_k))
 
     async def onnx_model(self, name: str) -> bytes:
+        self._require_started()
         entry = await self._resolve(name)
         onnx = await self._on_model(self._onnx_backend)
         return await self._on_model(onnx.merged_bytes, entry)
@@ -312,10 +316,16 @@ class Engine:
             if self._onnx is not None:
                 self._onnx.release(entry)
 
+    def _require_started(self) -> None:
+        if not hasattr(self, "spec"):
+            raise Unavailable("the engine is still starting")
+
     async def _resolve(self, name: str) -> TaskEntry:
         entry = self._resident.get(name)
         if entry is not None:
             return entry
+        if not TASK_NAME_RE.match(name):
+            raise TaskNotFound(name)  # no store round trip for a name no task can have
         lock, holders = self._name_locks.get(name, (asyncio.Lock(), 0))
         self._name_locks[name] = (lock, holders + 1)
         try:
