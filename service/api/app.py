@@ -98,6 +98,10 @@ def begin_drain(app: FastAPI) -> None:
 
 
 def create_app(settings: Settings, engine: EngineAPI | None = None) -> FastAPI:
+    """The app for ``settings``. Without ``engine`` the lifespan builds the real one from the settings;
+    either way the lifespan calls ``engine.start()`` (when it has one) and ``engine.stop()`` at the end,
+    so pass an engine that is not started yet."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         starter = asyncio.create_task(_start_engine(app, settings), name="ssf-engine-start")

@@ -25,8 +25,17 @@ def get_engine(request: Request) -> EngineAPI:
     return engine
 
 
+def get_ready_engine(request: Request) -> EngineAPI:
+    """The engine, for routes that need the loaded backbone (predict, uploads, ONNX): 503 before that."""
+    engine = get_engine(request)
+    if not engine.ready:
+        raise ApiError(503, "not_ready", "the backbone is still loading; retry shortly", {"Retry-After": "1"})
+    return engine
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-EngineDep = Annotated[EngineAPI, Depends(get_engine)]
+EngineDep = Annotated[EngineAPI, Depends(get_engine)]  # the registry views work while loading
+ReadyEngineDep = Annotated[EngineAPI, Depends(get_ready_engine)]
 
 
 # Declares the bearer scheme in the OpenAPI document (so clients and schemathesis know which routes are

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from service.api.deps import EngineDep, SettingsDep
+from service.api.deps import ReadyEngineDep, SettingsDep
 from service.api.errors import ApiError
 from service.api.forms import files, media_type, parse_multipart
 from service.api.routes.tasks import TaskName, errors
@@ -50,7 +50,7 @@ PREDICT_BODY = {
 async def predict(
     name: TaskName,
     request: Request,
-    engine: EngineDep,
+    engine: ReadyEngineDep,
     settings: SettingsDep,
     top_k: Annotated[int, Query(ge=1, le=1000, description="labels per image")] = 5,
 ) -> Prediction:

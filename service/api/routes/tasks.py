@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.api.deps import Admin, EngineDep, SettingsDep
+from service.api.deps import Admin, EngineDep, ReadyEngineDep, SettingsDep
 from service.api.errors import ApiError
 from service.api.forms import TASK_NAME_RE, check_task_name, files, media_type, parse_multipart
 from service.api.schemas import ErrorBody, TaskInfo, TaskList
@@ -61,7 +61,7 @@ async def list_tasks(engine: EngineDep) -> TaskList:
 )
 async def upload_task(
     request: Request,
-    engine: EngineDep,
+    engine: ReadyEngineDep,
     settings: SettingsDep,
     replace: Annotated[bool, Query(description="replace an existing task with a new version")] = False,
 ) -> JSONResponse:
@@ -97,7 +97,7 @@ async def get_task(name: TaskName, engine: EngineDep) -> TaskInfo:
 
 
 @router.delete("/{name}", status_code=204, dependencies=[Admin], responses=errors(401, 403, 404, 422, 503))
-async def delete_task(name: TaskName, engine: EngineDep) -> Response:
+async def delete_task(name: TaskName, engine: ReadyEngineDep) -> Response:
     await engine.delete_task(name)
     return Response(status_code=204)
 
@@ -108,7 +108,7 @@ async def delete_task(name: TaskName, engine: EngineDep) -> Response:
     response_class=Response,
     responses={200: {"content": {"application/octet-stream": {}}}, **errors(401, 403, 404, 422, 503)},
 )
-async def onnx_model(name: TaskName, engine: EngineDep) -> Response:
+async def onnx_model(name: TaskName, engine: ReadyEngineDep) -> Response:
     """The merged ONNX graph of the task's current version (input ``image``, output ``logits``)."""
     data = await engine.onnx_model(name)
     return Response(

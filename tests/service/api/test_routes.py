@@ -219,6 +219,16 @@ def test_not_ready_and_draining() -> None:
         assert_error(r, 503, "not_ready")
         assert r.headers["retry-after"] == "1"
         assert_error(c.get("/backbone"), 503, "not_ready")
+        assert c.get("/tasks").status_code == 200  # the registry view works while loading
+        raw = {"Content-Type": "image/png"}
+        for r in (
+            c.post("/tasks/cats/predict", content=png(), headers=raw),
+            c.post("/tasks", files={"delta": ("d", fake_delta())}, headers=AUTH),
+            c.delete("/tasks/cats", headers=AUTH),
+            c.get("/tasks/cats/model.onnx", headers=AUTH),
+        ):
+            assert_error(r, 503, "not_ready")
+            assert r.headers["retry-after"] == "1"
         engine.ready = True
         assert c.get("/readyz").status_code == 200
         app.state.draining = True
