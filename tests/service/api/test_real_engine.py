@@ -87,3 +87,40 @@ def test_real_engine_refusals_are_4xx(client: TestClient, weights: Path, tmp_pat
     gif = kit.image("GIF", 3)
     r = client.post("/tasks/cats/predict", content=gif, headers={"Content-Type": "image/gif"})
     assert r.status_code in (400, 415), r.text
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+
+
+def hostile_images() -> list[tuple[str, bytes]]:
+    png, jpeg = kit.image("PNG", 9), kit.image("JPEG", 9)
+    cases = [("empty", b""), ("text", b"hello"), ("gif", kit.image("GIF", 1)), ("tiff", kit.image("TIFF", 1))]
+    cases += [(f"png-cut-{f}", png[: int(len(png) * f)]) for f in (0.1, 0.5, 0.99)]
+    cases += [(f"jpeg-cut-{f}", jpeg[: int(len(jpeg) * f)]) for f in (0.1, 0.5, 0.99)]
+    cases += [("bomb-30k", _bomb_png(30_000, 30_000)), ("bomb-65535x1", _bomb_png(65_535, 1))]
+    flipped = bytearray(jpeg)
+    for i in range(20, len(flipped), 97):
+        flipped[i] ^= 0xFF
+    cases.append(("jpeg-bitflips", bytes(flipped)))
+    return cases
+
+
+def test_hostile_images_are_4xx_never_5xx(client: TestClient, weights: Path) -> None:
+    client.post("/tasks", files={"delta": ("d", kit.delta_bytes(weights, "cats", 1))}, headers=AUTH)
+    for label, data in hostile_images():
+        for r in (
+            client.post("/tasks/cats/predict", files={"image": ("x", data)}),
+            client.post("/tasks/cats/predict", content=data, headers={"Content-Type": "image/png"}),
+        ):
+            assert r.status_code < 500, (label, r.status_code, r.text)
+            if r.status_code >= 400:
+                assert set(r.json()["error"]) == {"code", "message"}
+    assert client.get("/healthz").status_code == 200
