@@ -13,8 +13,10 @@ import logging
 import socket
 import sys
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
@@ -68,9 +70,7 @@ def check_inputs(settings: Settings) -> None:
     """Cheap checks with clear messages before anything heavy loads."""
     if settings.weights is not None and not settings.weights.is_file():
         raise UsageError(f"--weights {settings.weights}: no such file")
-    store = settings.store
-    if "://" in store and not store.startswith("redis://"):
-        raise UsageError(f"--store {store!r}: use a directory or redis://HOST:PORT/DB")
+    check_store(settings.store)
     import timm
 
     import ssf.models  # noqa: F401  (registers the project's own architectures, e.g. ssf_demo_vit)
@@ -84,6 +84,28 @@ def check_inputs(settings: Settings) -> None:
             s.bind((settings.host.strip("[]"), settings.port))
     except OSError as e:
         raise UsageError(f"cannot listen on {settings.host}:{settings.port}: {e.strerror or e}") from None
+
+
+def check_store(store: str) -> None:
+    if "://" not in store:
+        path = Path(store)
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"--store {store}: exists and is not a directory")
+        return
+    url = urlsplit(store)
+    try:
+        port = url.port
+    except ValueError:
+        port = -1
+    db = url.path.lstrip("/")
+    if url.scheme != "redis" or not url.hostname or port == -1 or (db and not db.isdigit()):
+        raise UsageError(f"--store {_redact(store)!r}: use a directory or redis://HOST:PORT/DB")
+
+
+def _redact(url: str) -> str:
+    """A store URL without its password (redis://:secret@host/0 -> redis://***@host/0)."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}" if "@" in rest else url
 
 
 def serve(settings: Settings) -> str | None:
@@ -158,7 +180,7 @@ def _safe_summary(settings: Settings) -> dict[str, Any]:
     """What is safe to log about the settings: everything but the token (only whether one is set)."""
     out = settings.model_dump(mode="json", exclude={"admin_token"})
     out["weights"] = str(settings.weights) if settings.weights else None
-    out["store"] = settings.store.split("@")[-1]  # never a password in a redis URL
+    out["store"] = _redact(settings.store)  # never a password in a redis URL
     out["admin_enabled"] = settings.admin_enabled
     return {"settings": out}
 

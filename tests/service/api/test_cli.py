@@ -31,6 +31,10 @@ BAD = [
     ["--model", "test_vit", "--weights", "/no/such/file.safetensors"],
     ["--model", "test_vit", "--host", "0.0.0.0"],
     ["--model", "test_vit", "--store", "s3://bucket"],
+    ["--model", "test_vit", "--store", "redis://"],
+    ["--model", "test_vit", "--store", "redis://host:notaport/0"],
+    ["--model", "test_vit", "--store", "redis://host:6379/zero"],
+    ["--model", "test_vit", "--store", "/etc/hostname"],
     ["--model", "test_vit", "--unknown-flag"],
     ["--model", "test_vit", "--backend", "onnx", "--device", "cuda"],
 ]
@@ -70,3 +74,8 @@ def test_as_a_process_no_traceback(tmp_path: Path) -> None:
     )
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "SSF_ADMIN_TOKEN" in r.stderr
+
+
+def test_store_password_never_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--model", "test_vit", "--store", "redis://:hunter2@host:x/0"]) == 2
+    assert "hunter2" not in capsys.readouterr().err
