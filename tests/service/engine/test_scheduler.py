@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from service.engine.engine import Engine, EngineLimits
 from service.engine.images import ImageLimits
 from service.engine.merged import ByteLRU
 from service.engine.metrics import EngineMetrics
 from service.engine.protocol import DeadlineExceeded, Overloaded, Unavailable
+from service.engine.resident import TaskEntry
+from service.engine.scheduler import Pending, Scheduler, SchedulerConfig
+from service.store.base import StoredTask
 from tests.service.engine.helpers import FAMILY_VIT, delta_bytes, images, make_task
 from tests.service.engine.test_tasks import run, vit_engine
 
@@ -135,3 +140,58 @@ def test_stop_drains_and_then_refuses(weights_dir: Path) -> None:
             await engine.predict("a", images(1), 1)
 
     asyncio.run(scenario())
+
+
+def _pending(name: str, n: int) -> Pending:
+    stored = StoredTask(name=name, version=1, sha256="", size_bytes=0, created_at="")
+    entry = TaskEntry(stored=stored, delta=None)  # type: ignore[arg-type]  (choose() reads names only)
+    return Pending(entry, torch.zeros(n, 1), time.monotonic() + 60, future=None)  # type: ignore[arg-type]
+
+
+def _scheduler(cached: set[str] | None = None, **config: Any) -> Scheduler:
+    cfg = SchedulerConfig(**{"max_batch_size": 8, "merged_min_batch": 4, **config})
+    cached = cached or set()
+    return Scheduler(
+        cfg,
+        lambda path, items: ([], 0.0),
+        None,
+        EngineMetrics(),
+        lambda e: e.name in cached,  # type: ignore[arg-type]
+    )
+
+
+def test_choose_mixes_the_long_tail_in_arrival_order() -> None:
+    s = _scheduler()
+    s.queue = [_pending("a", 1), _pending("b", 2), _pending("c", 1), _pending("a", 1)]
+    path, items = s.choose()
+    assert path == "mixed" and [p.entry.name for p in items] == ["a", "b", "c", "a"]
+
+
+def test_choose_merges_a_task_with_enough_waiting_when_the_merge_pays_off() -> None:
+    s = _scheduler()
+    s.queue = [_pending("b", 1), *[_pending("a", 1) for _ in range(5)]]
+    path, items = s.choose()  # nothing measured yet: try the merge and measure it
+    assert path == "merged" and {p.entry.name for p in items} == {"a"} and len(items) == 5
+    s.costs.observe("mixed", 1.0, 100)  # 10 ms an image mixed
+    s.costs.observe("merged", 0.99, 100)  # 9.9 ms merged: 0.1 ms saved an image
+    s.costs.observe_merge(5.0)  # a 5 s merge never pays for itself here
+    assert s.choose()[0] == "mixed"
+    s.costs.merge_s = 0.001  # a 1 ms merge does (5 images x 0.1 ms x 4 batches it will serve)
+    assert s.choose()[0] == "merged"
+
+
+def test_choose_uses_a_cached_copy_and_always_merges_a_full_batch() -> None:
+    s = _scheduler(cached={"a"}, merge_amortize_batches=0.0)  # building never pays off
+    s.queue = [_pending("a", 2)]
+    assert s.choose()[0] == "merged"  # one task in the queue and its copy is warm
+    s.queue = [_pending("b", 8), _pending("c", 1)]
+    path, items = s.choose()  # b fills a batch on its own: merged even though it must be built
+    assert path == "merged" and [p.entry.name for p in items] == ["b"]
+
+
+def test_fill_never_splits_a_request_and_runs_an_oversized_one_alone() -> None:
+    s = _scheduler(path_policy="mixed")
+    s.queue = [_pending("a", 6), _pending("b", 3), _pending("c", 2)]
+    assert [p.entry.name for p in s.choose()[1]] == ["a"]  # b would overflow 8; c must not overtake it
+    s.queue = [_pending("big", 20), _pending("a", 1)]
+    assert [p.entry.name for p in s.choose()[1]] == ["big"]
