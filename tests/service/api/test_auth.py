@@ -119,3 +119,24 @@ def test_client_tokens_guard_predict_only() -> None:
         assert c.get("/livez").status_code == 200
         spec = c.get("/openapi.json").json()
         assert spec["paths"]["/tasks/{name}/predict"]["post"]["security"]
+
+
+def _all_routes(routes: list) -> list:  # type: ignore[type-arg]
+    """Every route of the app, through FastAPI's included-router wrappers."""
+    out = []
+    for r in routes:
+        inner = getattr(r, "original_router", None)
+        out.extend(_all_routes(inner.routes) if inner is not None else [r])
+    return out
+
+
+def test_no_hidden_route_writes() -> None:
+    """Routes left out of the OpenAPI document (so of the matrix above) may only read."""
+    app = create_app(make_settings(), engine=FakeEngine())
+    documented = {(m, p) for m, p, _ in OPERATIONS}
+    routes = _all_routes(app.routes)
+    assert any(getattr(r, "path", "") == "/tasks/{name}/predict" for r in routes)
+    for r in routes:
+        for method in getattr(r, "methods", None) or ():
+            if (method.lower(), r.path) not in documented:
+                assert method in ("GET", "HEAD"), f"{method} {r.path} is not in the auth matrix"
