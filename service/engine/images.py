@@ -63,7 +63,15 @@ class Preprocessor:
     def __call__(self, images: Sequence[bytes]) -> torch.Tensor:
         """All images of one request as one batch (the caller runs this off the event loop)."""
         self.check_count(images)
-        return torch.stack([self.transform(self.decode(data, i)) for i, data in enumerate(images)])
+        return torch.stack([self.tensor(self.decode(data, i), i) for i, data in enumerate(images)])
+
+    def tensor(self, img: Image.Image, index: int) -> torch.Tensor:
+        try:
+            return self.transform(img)
+        except Exception as e:  # a decoded image the transform cannot take (degenerate sizes)
+            raise BadImage(
+                f"image {index} could not be preprocessed: {type(e).__name__}: {str(e)[:200]}"
+            ) from e
 
     def decode(self, data: bytes, index: int) -> Image.Image:
         try:

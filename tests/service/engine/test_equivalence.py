@@ -125,3 +125,35 @@ def test_onnx_mapping_survives_equal_valued_weights() -> None:
     want = backend.run_merged(task, x)
     assert (onnx.run(task, x) - want).abs().max() <= 1e-4 * max(1.0, float(want.abs().max()))
     assert onnx.created  # qkv_bias=False: folding creates the qkv biases, carried by their own initializers
+
+
+def test_onnx_model_export_serves_the_current_version(weights_dir: Path) -> None:
+    """GET /tasks/{name}/model.onnx from a torch engine: input ``image``, output ``logits``, dynamic batch,
+    the folded task (not the base), and a new graph after a replace."""
+    import onnxruntime as ort
+
+    weights = backbone_file("vit", weights_dir)
+    v1, v2 = make_task("vit", seed=90), make_task("vit", seed=91)
+    batch = images(3, seed=2)
+
+    async def scenario() -> None:
+        engine = Engine(MODELS["vit"], weights, MemoryStore())
+        await engine.start()
+        try:
+            x = engine.preprocess(batch)
+            for version, model in ((1, v1), (2, v2)):
+                await engine.add_task(delta_bytes("vit", model, "edge"), None, replace=version == 2)
+                session = ort.InferenceSession(
+                    await engine.onnx_model("edge"), providers=["CPUExecutionProvider"]
+                )
+                assert [i.name for i in session.get_inputs()] == ["image"]
+                assert [o.name for o in session.get_outputs()] == ["logits"]
+                want = reference_logits(model, x)
+                for n in (1, 3):
+                    got = torch.from_numpy(session.run(["logits"], {"image": x[:n].numpy()})[0])
+                    assert got.shape == (n, 5)
+                    assert (got - want[:n]).abs().max() <= 1e-4 * max(1.0, float(want.abs().max()))
+        finally:
+            await engine.stop()
+
+    asyncio.run(scenario())
