@@ -157,3 +157,37 @@ def test_onnx_model_export_serves_the_current_version(weights_dir: Path) -> None
             await engine.stop()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("family", ["resnet", "efficientnet", "mixer"])
+def test_backend_paths_match_the_reference_for_more_families(family: str) -> None:
+    """BatchNorm convs (ResNet), norm+act layers whose site is the inner ``drop`` (EfficientNet) and MLP
+    mixers, straight on the backend (the engine's fingerprint check is exercised elsewhere)."""
+    from ssf.layers import head_tensors, site_tensors
+    from tests.ssf.models import make
+
+    tuned = make(family)
+    sites = ssf.inject_ssf(tuned)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for affine in tuned.ssf.values():
+            affine.scale.copy_(1 + 0.3 * torch.randn(affine.scale.shape, generator=g))
+            affine.shift.copy_(0.3 * torch.randn(affine.shift.shape, generator=g))
+    metrics = EngineMetrics()
+    backend = TorchBackend(make(family), sites, torch.device("cpu"), torch.float32, 1 << 30, metrics)
+    tensors = site_tensors(tuned)
+    entries = []
+    for i, scale in enumerate((1.0, 0.5)):  # two tasks in one mixed batch: this one and a rescaled one
+        sites_i = {p: (s * scale + (1 - scale), b * scale) for p, (s, b) in tensors.items()}
+        delta = ssf.Delta(
+            f"t{i}", family, "", "foldable", "ssf", [str(k) for k in range(7)], sites_i, head_tensors(tuned)
+        )
+        entries.append(TaskEntry(stored=StoredTask(f"t{i}", 1, "", 0, ""), delta=delta))
+        backend.install(entries[-1])
+    x = torch.randn(4, *ssf.sites.input_size(tuned), generator=g)
+    with torch.no_grad():
+        want = ssf.merge_model(tuned)(x)
+    mixed = backend.run_mixed(torch.cat([x[:2], x]), [(entries[1], 2), (entries[0], 4)])[1]
+    merged = backend.run_merged(entries[0], x)
+    tol = 1e-4 * max(1.0, float(want.abs().max()))
+    assert (mixed - want).abs().max() <= tol and (merged - want).abs().max() <= tol
