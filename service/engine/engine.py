@@ -105,7 +105,14 @@ class Engine:
         await self._on_model(self._load_backbone)
         if self.backend_name == "onnx":
             await self._on_model(self._onnx_backend)
-        await self.reconcile()
+        try:
+            await self.reconcile()
+        except (
+            StoreError
+        ) as e:  # the registry is down: start anyway; unknown tasks answer 503 until it is back
+            log.warning(
+                "could not load tasks at start (%s); will retry every %ss", e, self.reconcile_interval_s
+            )
         example = torch.zeros(2, *self.preprocess.config["input_size"])
         await self._on_model(self._warmup, example)
         self.scheduler = Scheduler(

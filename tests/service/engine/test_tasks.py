@@ -14,7 +14,7 @@ import torch
 from service.engine.engine import Engine, EngineLimits
 from service.engine.protocol import DeltaTooLarge, InvalidDelta, InvalidParameter, PredictionResult
 from service.engine.scheduler import SchedulerConfig
-from service.store.base import TaskExists, TaskNotFound
+from service.store.base import StoredTask, StoreUnavailable, TaskExists, TaskNotFound
 from tests.service.engine.helpers import MODELS, MemoryStore, backbone_file, delta_bytes, images, make_task
 from tests.service.engine.helpers import reference_logits as reference
 
@@ -212,3 +212,38 @@ def test_bfloat16_engine_stays_close_to_the_fp32_reference(weights_dir: Path, po
         assert engine.backbone_info()["dtype"] == "bfloat16"
 
     run(vit_engine(weights_dir, path_policy=policy, dtype="bfloat16"), scenario)
+
+
+class FlakyStore(MemoryStore):
+    """A registry that is down until ``up`` is set (Redis restarting)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = False
+
+    def _check(self) -> None:
+        if not self.up:
+            raise StoreUnavailable("registry unreachable")
+
+    def get(self, name: str) -> StoredTask:
+        self._check()
+        return super().get(name)
+
+    def versions(self) -> dict[str, int]:
+        self._check()
+        return super().versions()
+
+
+def test_registry_down_at_start_answers_503_then_recovers(weights_dir: Path) -> None:
+    store = FlakyStore()
+    store.put("later", delta_bytes(FAMILY, make_task(FAMILY, seed=95), "later"), {})
+
+    async def scenario(engine: Engine) -> None:
+        assert engine.ready
+        with pytest.raises(StoreUnavailable):  # 503, not 404: the engine cannot know yet
+            await engine.predict("later", images(1), 1)
+        store.up = True
+        await engine.reconcile()
+        assert (await engine.predict("later", images(1), 1)).version == 1
+
+    run(vit_engine(weights_dir, store), scenario)
