@@ -94,6 +94,8 @@ def status_of(exc: Exception) -> int | None:
     for cls, status in STATUS:
         if isinstance(exc, cls):
             return status
+    if isinstance(exc, StoreError) and isinstance(exc, ValueError):
+        return 422  # the registry refused a value the client chose (e.g. a name)
     return None
 
 
@@ -109,7 +111,8 @@ async def domain_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, EngineError):
         code, message = exc.code, exc.message
     else:
-        code = next((c for cls, c in STORE_CODES.items() if isinstance(exc, cls)), "registry_error")
+        default = "invalid_parameter" if status == 422 else "registry_error"
+        code = next((c for cls, c in STORE_CODES.items() if isinstance(exc, cls)), default)
         message = str(exc) or "the task registry failed"
     headers = _retry_after(exc) if status in (429, 503) else None
     if status == 503 and isinstance(exc, StoreUnavailable):

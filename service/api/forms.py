@@ -27,7 +27,7 @@ def check_task_name(
         Path(json_schema_extra={"pattern": TASK_NAME_RE.pattern, "maxLength": 63}),
     ],
 ) -> str:
-    if not TASK_NAME_RE.match(name):
+    if not TASK_NAME_RE.fullmatch(name):  # fullmatch: "$" alone would let "name\n" through
         shown = name if len(name) <= 80 else name[:80] + "..."
         raise ApiError(422, "invalid_task_name", f"task name {shown!r} must match {TASK_NAME_RE.pattern}")
     return name

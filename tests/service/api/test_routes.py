@@ -106,7 +106,9 @@ def test_predict_errors(with_task: TestClient) -> None:
     assert r.status_code in (400, 422)
 
 
-@pytest.mark.parametrize("name", ["UPPER", "-lead", "a" * 64, "a b", "%2e%2e", "caf\u00e9", ".hidden"])
+@pytest.mark.parametrize(
+    "name", ["UPPER", "-lead", "a" * 64, "a b", "%2e%2e", "caf\u00e9", ".hidden", "cats%0A", "cats%00"]
+)
 def test_invalid_task_names_are_422(client: TestClient, name: str) -> None:
     assert_error(client.get(f"/tasks/{name}"), 422, "invalid_task_name")
     assert_error(upload(client, fake_delta(), name=name), 422, "invalid_task_name")
@@ -164,6 +166,15 @@ CALLS = [
     ("post", "/tasks/cats/predict", {"content": png(), "headers": {"Content-Type": "image/png"}}),
     ("get", "/tasks/cats/model.onnx", {"headers": AUTH}),
 ]
+
+
+class StoreRefusedValue(p.StoreError, ValueError):
+    pass
+
+
+def test_store_value_errors_are_422(with_task: TestClient, engine: FakeEngine) -> None:
+    engine.fail_with = StoreRefusedValue("invalid task name 'x'")
+    assert_error(with_task.get("/tasks/cats"), 422, "invalid_parameter")
 
 
 def test_error_table_covers_every_domain_error() -> None:
