@@ -6,9 +6,12 @@ version n's bytes. Validation of the bytes happens before ``put``, in the ssf co
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 
 class StoreError(Exception):
@@ -29,6 +32,19 @@ class TaskExists(StoreError):
 
 class StoreUnavailable(StoreError):
     """The backing service (Redis) cannot be reached; callers answer 503, never lose data."""
+
+
+class InvalidTaskName(StoreError, ValueError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"invalid task name {name[:80]!r}: it must match {TASK_NAME.pattern}")
+        self.name = name
+
+
+def validate_name(name: str) -> str:
+    """The one gate between a client's name and any key or path the store builds from it."""
+    if not isinstance(name, str) or not TASK_NAME.fullmatch(name):  # fullmatch: "$" would allow "\n"
+        raise InvalidTaskName(name if isinstance(name, str) else repr(name))
+    return name
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,195 @@
+"""Both registries against the same contract; Redis is a real redis-server (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from service.store import InvalidTaskName, LocalStore, StoreUnavailable, TaskExists, TaskNotFound, open_store
+from service.store.base import TaskStore
+from service.store.redis_store import RedisStore
+from tests.conftest import RedisServer
+
+
+@pytest.fixture(params=["local", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TaskStore]:
+    if request.param == "local":
+        s: TaskStore = LocalStore(tmp_path / "store")
+    else:
+        s = RedisStore(request.getfixturevalue("redis_server").url)
+    yield s
+    s.close()
+
+
+def test_put_get_read_list_delete(store: TaskStore) -> None:
+    a = store.put("alpha", b"A1", {"num_classes": 3})
+    assert (a.name, a.version, a.size_bytes, a.info) == ("alpha", 1, 2, {"num_classes": 3})
+    assert len(a.sha256) == 64
+    store.put("beta", b"B1", {})
+    assert store.get("alpha") == a
+    assert store.read("alpha", 1) == b"A1"
+    assert [t.name for t in store.list()] == ["alpha", "beta"]
+    assert store.versions() == {"alpha": 1, "beta": 1}
+    store.delete("alpha")
+    with pytest.raises(TaskNotFound):
+        store.get("alpha")
+    with pytest.raises(TaskNotFound):
+        store.delete("alpha")
+    assert store.versions() == {"beta": 1}
+
+
+def test_replace_makes_a_new_version_and_keeps_the_old_bytes(store: TaskStore) -> None:
+    store.put("t", b"v1", {})
+    with pytest.raises(TaskExists):
+        store.put("t", b"again", {})
+    v2 = store.put("t", b"v2", {}, replace=True)
+    assert v2.version == 2 and store.get("t").version == 2
+    assert store.read("t", 1) == b"v1" and store.read("t", 2) == b"v2"  # in-flight requests on v1 finish
+    store.put("t", b"v3", {}, replace=True)
+    with pytest.raises(TaskNotFound):
+        store.read("t", 1)  # pruned: only the current and the previous version are kept
+
+
+def test_versions_are_never_reused_after_delete(store: TaskStore) -> None:
+    store.put("t", b"v1", {})
+    store.put("t", b"v2", {}, replace=True)
+    store.delete("t")
+    assert store.put("t", b"new", {}).version == 3  # a replica holding v2 must see the new one as newer
+
+
+def test_concurrent_replaces_lose_no_update(store: TaskStore) -> None:
+    store.put("hot", b"0", {})
+    versions: list[int] = []
+    lock = threading.Lock()
+
+    def replace(i: int) -> None:
+        for j in range(5):
+            v = store.put("hot", f"{i}-{j}".encode(), {}, replace=True).version
+            with lock:
+                versions.append(v)
+
+    threads = [threading.Thread(target=replace, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(versions) == list(range(2, 42))
+    assert store.get("hot").version == 41
+
+
+@pytest.mark.parametrize(
+    "name", ["../x", "a/b", "A", "x" * 64, "", "tаsk", "..\\x", "%2e%2e", "a\nb", "ok\n", "-x"]
+)
+def test_hostile_names_never_reach_a_path_or_key(store: TaskStore, name: str, tmp_path: Path) -> None:
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(InvalidTaskName):
+        store.put(name, b"x", {})
+    with pytest.raises(InvalidTaskName):
+        store.get(name)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_local_crash_mid_write_leaves_the_old_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalStore(tmp_path)
+    store.put("t", b"good", {})
+    real = os.replace
+    calls = {"n": 0}
+
+    def crash_on_commit(src: str, dst: str) -> None:
+        calls["n"] += 1
+        if str(dst).endswith("current"):
+            raise OSError("disk full")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_commit)
+    with pytest.raises(OSError, match="disk full"):
+        store.put("t", b"bad", {}, replace=True)
+    monkeypatch.setattr(os, "replace", real)
+    assert calls["n"] >= 1
+    assert store.get("t").version == 1 and store.read("t", 1) == b"good"
+    assert not list(tmp_path.rglob(".tmp-*"))
+    assert store.put("t", b"next", {}, replace=True).version >= 2
+
+
+def test_two_local_stores_on_one_directory_agree(tmp_path: Path) -> None:
+    a, b = LocalStore(tmp_path), LocalStore(tmp_path)
+    a.put("t", b"1", {})
+    assert b.get("t").version == 1
+    assert b.put("t", b"2", {}, replace=True).version == 2
+    assert a.versions() == {"t": 2}
+
+
+def test_redis_replicas_see_each_other_and_hints_arrive(redis_server: RedisServer) -> None:
+    a, b = RedisStore(redis_server.url), RedisStore(redis_server.url)
+    seen: list[str] = []
+    b.watch(seen.append)
+    time.sleep(0.3)
+    a.put("t", b"1", {"k": 1})
+    assert b.get("t").info == {"k": 1}
+    deadline = time.monotonic() + 5
+    while "t" not in seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "t" in seen
+    assert a.registry_version() == 1
+    a.close()
+    b.close()
+
+
+def test_dropped_subscription_resubscribes_and_says_so(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url)
+    seen: list[str] = []
+    store.watch(seen.append)
+    time.sleep(0.3)
+    redis.Redis.from_url(redis_server.url).client_kill_filter(_type="pubsub")
+    deadline = time.monotonic() + 5
+    while "" not in seen and time.monotonic() < deadline:  # "" = "you may have missed something"
+        time.sleep(0.05)
+    assert "" in seen
+    time.sleep(0.5)
+    store.put("after", b"1", {})
+    deadline = time.monotonic() + 5
+    while "after" not in seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "after" in seen
+    store.close()
+
+
+def test_redis_outage_is_fast_and_durable(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url)
+    for i in range(50):
+        store.put(f"t{i}", f"{i}".encode(), {})  # acknowledged writes
+    redis_server.kill()
+    start = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        store.put("x", b"1", {})
+    with pytest.raises(StoreUnavailable):
+        store.versions()
+    assert time.monotonic() - start < 3
+    # kill -9 right after the writes: AOF everysec has written them to the OS (fsync is what a power cut
+    # would need), so the restarted server replays every acknowledged one.
+    redis_server.start()  # same port, same directory
+    deadline = time.monotonic() + 10
+    versions: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        try:
+            versions = store.versions()
+            break
+        except StoreUnavailable:
+            time.sleep(0.2)
+    assert versions == {f"t{i}": 1 for i in range(50)}
+    store.close()
+
+
+def test_open_store_picks_by_spec(tmp_path: Path, redis_server: RedisServer) -> None:
+    assert isinstance(open_store(str(tmp_path)), LocalStore)
+    assert isinstance(open_store(redis_server.url), RedisStore)
+    with pytest.raises(ValueError, match="redis://HOST:PORT/DB"):
+        open_store("redis:///0")
