@@ -89,9 +89,10 @@ class RedisStore:
                 pipe.delete(_blob_key(name, old), _task_key(name, old))
             return stored
 
+        # redis-py types the callable as returning None; with value_from_callable it returns ours
         stored: StoredTask = self._call(
             lambda: self._redis.transaction(
-                transaction,  # type: ignore[arg-type]  (redis-py's stub says None; it returns ours)
+                transaction,  # type: ignore[arg-type]
                 INDEX,
                 f"ssf:seq:{name}",
                 value_from_callable=True,
