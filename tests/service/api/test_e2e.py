@@ -142,6 +142,10 @@ def test_limits_and_auth_over_real_http(server: Server) -> None:
 
 def test_logs_are_json_and_never_hold_the_token(server: Server) -> None:
     httpx.get(f"{server.url}/healthz")
+    for _ in range(50):  # the access line is written just after the response is sent
+        if '"route": "/healthz"' in server.logs():
+            break
+        time.sleep(0.05)
     lines = [line for line in server.logs().splitlines() if line.strip()]
     assert lines
     for line in lines:
