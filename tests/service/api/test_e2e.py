@@ -20,7 +20,7 @@ import pytest
 
 import service.store
 from service.client import Client, SSFError
-from tests.conftest import free_port
+from tests.conftest import RedisServer, free_port
 from tests.service.api import kit
 
 pytestmark = [
@@ -45,7 +45,7 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def start_server(tmp: Path, weights: Path, drain_delay_s: float = 0.0) -> Server:
+def start_server(tmp: Path, weights: Path, drain_delay_s: float = 0.0, store: str | None = None) -> Server:
     port = free_port()
     log = tmp / f"server-{port}.log"
     env = {
@@ -55,7 +55,8 @@ def start_server(tmp: Path, weights: Path, drain_delay_s: float = 0.0) -> Server
         "SSF_MAX_QUEUE_DELAY_MS": "1",
     }
     cmd = [sys.executable, "-m", "service.cli", "--model", kit.MODEL, "--weights", str(weights)]
-    cmd += ["--store", str(tmp / "store"), "--device", "cpu", "--port", str(port), "--log-level", "debug"]
+    cmd += ["--store", store or str(tmp / "store"), "--device", "cpu", "--port", str(port)]
+    cmd += ["--log-level", "debug"]
     with log.open("wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     server = Server(proc, f"http://127.0.0.1:{port}", log)
@@ -206,3 +207,28 @@ def test_weights_that_do_not_fit_end_with_one_line(tmp_path: Path) -> None:
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("ssf-serve: error: the engine could not start: ") and "do not fit" in last
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.redis
+def test_redis_store_round_trip(tmp_path: Path, weights: Path, redis_server: RedisServer) -> None:
+    """The same flow with --store redis://: two replicas on one registry see each other's uploads."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = start_server(tmp_path / "a", weights, store=redis_server.url)
+    b = start_server(tmp_path / "b", weights, store=redis_server.url)
+    try:
+        with Client(a.url, token=TOKEN) as ca, Client(b.url, token=TOKEN) as cb:
+            assert ca.upload(kit.delta_bytes(weights, "cats", 1))["version"] == 1
+            assert cb.predict("cats", [kit.image("PNG", 1)])["version"] == 1
+            assert cb.upload(kit.delta_bytes(weights, "cats", 2), replace=True)["version"] == 2
+            deadline = time.monotonic() + 10
+            while ca.predict("cats", [kit.image("PNG", 1)])["version"] != 2:
+                assert time.monotonic() < deadline, "replica a never saw version 2"
+                time.sleep(0.1)
+            ca.delete("cats")
+            with pytest.raises(SSFError) as e:
+                cb.get("cats")
+            assert e.value.status == 404
+    finally:
+        stop(a)
+        stop(b)
