@@ -1,0 +1,37 @@
+"""``python -m service.demo`` comes up, uploads its tasks through the API, classifies, and stops on Ctrl-C."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.mark.e2e
+def test_demo_starts_uploads_and_stops(tmp_path: Path) -> None:
+    out = tmp_path / "demo.log"
+    cmd = [sys.executable, "-m", "service.demo", "--port", str(free_port()), "--store", str(tmp_path / "s")]
+    with out.open("wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while "Ctrl-C to stop" not in out.read_text(errors="replace"):
+            assert proc.poll() is None, out.read_text()[-3000:]
+            assert time.monotonic() < deadline, out.read_text()[-3000:]
+            time.sleep(0.3)
+        text = out.read_text()
+        assert "demo: uploaded" in text and " on an orange square: [(" in text
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) in (0, 130)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
