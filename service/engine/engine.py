@@ -24,6 +24,7 @@ from typing import Any, Literal, TypeVar
 import torch
 
 import ssf
+from service.engine.batches import run_batch, top_scores
 from service.engine.images import ImageLimits, Preprocessor
 from service.engine.metrics import EngineMetrics
 from service.engine.protocol import (
@@ -31,7 +32,6 @@ from service.engine.protocol import (
     InvalidDelta,
     InvalidParameter,
     PredictionResult,
-    Scored,
     Unavailable,
 )
 from service.engine.resident import TaskEntry
@@ -249,31 +249,7 @@ class Engine:
 
     # ---------------------------------------------------------------------------------- batches
     def _run_batch(self, path: BatchPath, items: list[Pending]) -> tuple[list[torch.Tensor], float]:
-        """On the model thread: run one batch, return each request's logits and the merge time spent."""
-        order: dict[tuple[str, int], list[int]] = {}
-        for i, p in enumerate(items):
-            order.setdefault(p.entry.key, []).append(i)
-        ranked = [i for idx in order.values() for i in idx]
-        x = torch.cat([items[i].x for i in ranked]) if len(ranked) > 1 else items[0].x
-        groups = [(items[idx[0]].entry, sum(items[i].n for i in idx)) for idx in order.values()]
-        merge_s = 0.0
-        if path == "mixed":
-            outs = self.backend.run_mixed(x, groups)
-        elif path == "merged":
-            ((entry, _),) = groups
-            outs = [self.backend.run_merged(entry, x)]
-            merge_s = self.backend.last_merge_s
-        else:
-            ((entry, _),) = groups
-            outs = [self._onnx.run(entry, x)]
-            merge_s = self._onnx.last_merge_s
-        logits = torch.cat(outs) if len(outs) > 1 else outs[0]
-        answers: list[torch.Tensor] = [torch.empty(0)] * len(items)
-        start = 0
-        for i in ranked:
-            answers[i] = logits[start : start + items[i].n]
-            start += items[i].n
-        return answers, merge_s
+        return run_batch(self.backend, self._onnx, path, items)
 
     # ------------------------------------------------------------------------------- residency
     def _validate(self, data: bytes) -> ssf.Delta:
@@ -422,15 +398,3 @@ class Engine:
             await self.refresh(name)
         except Exception as e:
             log.warning("refreshing %s after a change notice failed: %s", name, e)
-
-
-def top_scores(logits: torch.Tensor, labels: list[str], top_k: int) -> list[list[Scored]]:
-    probs = torch.softmax(logits.float(), dim=-1)
-    scores, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
-    return [
-        [
-            Scored(label=labels[i], index=i, score=float(s))
-            for s, i in zip(row_s.tolist(), row_i.tolist(), strict=True)
-        ]
-        for row_s, row_i in zip(scores, indices, strict=True)
-    ]
