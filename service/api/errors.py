@@ -33,6 +33,7 @@ from service.engine.protocol import (
     Unavailable,
     UnsupportedMediaType,
 )
+from service.store.base import InvalidTaskName
 
 log = logging.getLogger("service.api")
 
@@ -53,6 +54,7 @@ STATUS: list[tuple[type[Exception], int]] = [
     (DeltaTooLarge, 413),
     (ImageTooLarge, 413),
     (UnsupportedMediaType, 415),
+    (InvalidTaskName, 422),
     (InvalidDelta, 422),
     (InvalidParameter, 422),
     (Overloaded, 429),
@@ -63,6 +65,7 @@ STATUS: list[tuple[type[Exception], int]] = [
 STORE_CODES: dict[type[Exception], str] = {
     TaskNotFound: "task_not_found",
     TaskExists: "task_exists",
+    InvalidTaskName: "invalid_task_name",
     StoreUnavailable: "registry_unavailable",
 }
 

@@ -6,7 +6,6 @@ a single body byte is read, and parser errors become our error codes instead of 
 
 from __future__ import annotations
 
-import re
 from typing import Annotated
 
 from fastapi import Path, Request
@@ -14,10 +13,11 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service.api.errors import ApiError
+from service.store.base import TASK_NAME
 
-# The same pattern as ssf.delta.TASK_NAME_RE (a test keeps them equal); copied so that importing the
-# HTTP layer does not import torch.
-TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+# The registry's pattern (the same as ssf.delta.TASK_NAME_RE; a test keeps them equal), taken from the
+# store so that importing the HTTP layer does not import torch.
+TASK_NAME_RE = TASK_NAME
 
 
 def check_task_name(

@@ -8,6 +8,7 @@ from fastapi.testclient import TestClient
 from service.api.app import create_app
 from service.api.errors import STATUS
 from service.engine import protocol as p
+from service.store.base import InvalidTaskName
 from tests.service.api.conftest import AUTH, assert_error, make_settings, png
 from tests.service.api.fake_engine import JPEG, FakeEngine, fake_delta
 
@@ -155,6 +156,7 @@ DOMAIN_ERRORS = [
     (p.Unavailable("draining"), 503, "unavailable"),
     (p.DeadlineExceeded("deadline passed"), 503, "deadline_exceeded"),
     (p.StoreUnavailable("redis://10.0.0.5:6379 refused"), 503, "registry_unavailable"),
+    (InvalidTaskName("Bad\n"), 422, "invalid_task_name"),
 ]
 
 CALLS = [
