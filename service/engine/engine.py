@@ -70,6 +70,7 @@ class Engine:
         site_scheme: str = "foldable",
         reconcile_interval_s: float = 2.0,
         pretrained: bool = True,
+        owns_store: bool = True,
     ) -> None:
         if backend not in ("torch", "onnx"):
             raise ValueError(f"backend must be 'torch' or 'onnx', not {backend!r}")
@@ -87,6 +88,7 @@ class Engine:
         self.max_cache_bytes = max_cache_bytes
         self.reconcile_interval_s = reconcile_interval_s
         self.pretrained = pretrained
+        self.owns_store = owns_store  # stop() closes it (watch threads, connections)
         self.metrics = EngineMetrics()
         self.ready = False
         self.draining = False
@@ -141,6 +143,8 @@ class Engine:
         self._background.clear()
         self._model_thread.shutdown(wait=False, cancel_futures=True)
         self._cpu_pool.shutdown(wait=False, cancel_futures=True)
+        if self.owns_store:
+            await asyncio.to_thread(self.store.close)
 
     def _load_backbone(self) -> None:
         model = ssf.create_backbone(self.model_name, self.weights, pretrained=self.pretrained)
@@ -383,8 +387,8 @@ class Engine:
         """A hint from the store (maybe from another thread): refresh that one task soon."""
         if self.draining:
             return
-        try:
-            self._loop.call_soon_threadsafe(self._spawn, self._hint(name))
+        try:  # "" means the store may have missed changes (a reconnect): reconcile everything
+            self._loop.call_soon_threadsafe(self._spawn, self._hint(name) if name else self._hint_all())
         except RuntimeError:  # the loop is closed: the engine is gone
             pass
 
@@ -392,6 +396,12 @@ class Engine:
         task = self._loop.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _hint_all(self) -> None:
+        try:
+            await self.reconcile()
+        except Exception as e:
+            log.warning("reconcile after a change notice failed: %s", e)
 
     async def _hint(self, name: str) -> None:
         try:
