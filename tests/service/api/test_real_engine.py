@@ -124,3 +124,26 @@ def test_hostile_images_are_4xx_never_5xx(client: TestClient, weights: Path) -> 
             if r.status_code >= 400:
                 assert set(r.json()["error"]) == {"code", "message"}
     assert client.get("/healthz").status_code == 200
+
+
+def test_onnx_download_runs_and_matches_the_server(client: TestClient, weights: Path) -> None:
+    """The admin ONNX download is the current version's merged graph: onnxruntime on it agrees with
+    the server's own top-1 for the same image."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    client.post("/tasks", files={"delta": ("d", kit.delta_bytes(weights, "cats", 4))}, headers=AUTH)
+    r = client.get("/tasks/cats/model.onnx", headers=AUTH)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+    session = ort.InferenceSession(r.content, providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    png = kit.image("PNG", 11)
+    served = client.post("/tasks/cats/predict?top_k=1", files={"image": ("a.png", png)}).json()
+    engine = client.app.state.engine  # type: ignore[attr-defined]  # its preprocessing, to feed ONNX
+    x = engine.preprocess([png]) if callable(getattr(engine, "preprocess", None)) else None
+    if x is None:
+        pytest.skip("engine exposes no preprocess to build the ONNX input")
+    assert isinstance(x, torch.Tensor)
+    (logits,) = session.run(["logits"], {"image": x.numpy().astype(np.float32)})
+    assert int(logits[0].argmax()) == served["predictions"][0][0]["index"]
