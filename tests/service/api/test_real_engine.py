@@ -147,3 +147,26 @@ def test_onnx_download_runs_and_matches_the_server(client: TestClient, weights: 
     assert isinstance(x, torch.Tensor)
     (logits,) = session.run(["logits"], {"image": x.numpy().astype(np.float32)})
     assert int(logits[0].argmax()) == served["predictions"][0][0]["index"]
+
+
+def test_app_builds_its_engine_from_settings_onnx_backend(weights: Path, tmp_path: Path) -> None:
+    """create_app(settings) with no engine: the lifespan builds Engine + LocalStore from the settings."""
+    settings = make_settings(
+        weights=str(weights),
+        store=str(tmp_path / "store"),
+        backend="onnx",
+        device="cpu",
+        max_delta_bytes=4 * 1024 * 1024,
+        max_body_bytes=1024 * 1024,
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        for _ in range(600):
+            if c.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.05)
+        assert c.get("/backbone").json()["backend"] == "onnx"
+        r = c.post("/tasks", files={"delta": ("d", kit.delta_bytes(weights, "cats", 1))}, headers=AUTH)
+        assert r.status_code == 201, r.text
+        r = c.post("/tasks/cats/predict", files={"image": ("a.png", kit.image("PNG", 1))})
+        assert r.status_code == 200 and r.json()["version"] == 1
+    assert any((tmp_path / "store").iterdir())  # the upload landed in the store directory
