@@ -80,7 +80,7 @@ async def upload_task(
             raise ApiError(422, "invalid_parameter", "field 'name' must be text, not a file")
     finally:
         await form.close()
-    if name is not None:
+    if name:  # an empty field means "use the name in the file", as when it is left out
         check_task_name(name)
     if len(deltas[0]) > settings.max_delta_bytes:
         raise DeltaTooLarge(f"delta is {len(deltas[0])} bytes; the limit is {settings.max_delta_bytes}")

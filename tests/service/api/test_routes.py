@@ -54,7 +54,8 @@ def test_upload_list_get_replace_delete(client: TestClient) -> None:
     assert_error(upload(client, fake_delta("cats")), 409, "task_exists")
     assert upload(client, fake_delta("cats"), replace=True).json()["version"] == 2
     assert upload(client, fake_delta("cats"), name="dogs").json()["name"] == "dogs"
-    assert [t["name"] for t in client.get("/tasks").json()["tasks"]] == ["cats", "dogs"]
+    assert upload(client, fake_delta("birds"), name="").json()["name"] == "birds"
+    assert [t["name"] for t in client.get("/tasks").json()["tasks"]] == ["birds", "cats", "dogs"]
     assert client.get("/tasks/cats").json()["version"] == 2
     r = client.delete("/tasks/cats", headers=AUTH)
     assert r.status_code == 204 and r.content == b""
