@@ -66,3 +66,13 @@ async def files(form: FormData, field: str) -> list[bytes]:
             raise ApiError(422, "invalid_parameter", f"field {field!r} must be a file part (with a filename)")
         out.append(await value.read())
     return out
+
+
+def only_fields(form: FormData, allowed: set[str]) -> None:
+    """Refuse fields the route does not know (the OpenAPI schema says additionalProperties: false)."""
+    unknown = sorted({key for key in form if key not in allowed})
+    if unknown:
+        shown = ", ".join(repr(k[:40]) for k in unknown[:3])
+        raise ApiError(
+            422, "invalid_parameter", f"unexpected form field(s) {shown}; allowed: {sorted(allowed)}"
+        )

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 
 from service.api.deps import ReadyEngineDep, SettingsDep
 from service.api.errors import ApiError
-from service.api.forms import files, media_type, parse_multipart
+from service.api.forms import files, media_type, only_fields, parse_multipart
 from service.api.routes.tasks import TaskName, errors
 from service.api.schemas import Prediction
 
@@ -64,6 +64,7 @@ async def predict(
             max_part_size=64 * 1024,
         )
         try:
+            only_fields(form, {"image"})
             images = await files(form, "image")
         finally:
             await form.close()

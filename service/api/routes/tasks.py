@@ -9,7 +9,14 @@ from fastapi.responses import JSONResponse
 
 from service.api.deps import Admin, EngineDep, ReadyEngineDep, SettingsDep
 from service.api.errors import ApiError
-from service.api.forms import TASK_NAME_RE, check_task_name, files, media_type, parse_multipart
+from service.api.forms import (
+    TASK_NAME_RE,
+    check_task_name,
+    files,
+    media_type,
+    only_fields,
+    parse_multipart,
+)
 from service.api.schemas import ErrorBody, TaskInfo, TaskList
 from service.engine.protocol import DeltaTooLarge
 
@@ -72,6 +79,7 @@ async def upload_task(
         )
     form = await parse_multipart(request, max_files=1, max_fields=4, max_part_size=1024)
     try:
+        only_fields(form, {"delta", "name"})
         deltas = await files(form, "delta")
         if len(deltas) != 1:
             raise ApiError(422, "invalid_parameter", "send exactly one file field named 'delta'")

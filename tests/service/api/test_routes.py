@@ -97,6 +97,8 @@ def test_predict_errors(with_task: TestClient) -> None:
     )
     assert_error(c.post("/tasks/cats/predict", content=png()), 415, "unsupported_media_type")
     assert_error(c.post("/tasks/cats/predict", files={"other": ("a.png", png())}), 422, "invalid_parameter")
+    extra = c.post("/tasks/cats/predict", files={"image": ("a.png", png())}, data={"note": "x"})
+    assert_error(extra, 422, "invalid_parameter")
     assert_error(c.post("/tasks/cats/predict", data={"image": "not a file"}, files={"x": ("x", b"")}), 422)
     assert_error(
         c.post("/tasks/cats/predict", files=[("image", ("a.png", png()))] * 5), 413, "too_many_images"
