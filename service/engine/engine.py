@@ -232,6 +232,7 @@ class Engine:
         timeout = timeout_s if timeout_s is not None else self.scheduler_config.request_timeout_ms / 1000
         deadline = time.monotonic() + timeout
         self.preprocess.check_count(images)
+        self.scheduler.admit(len(images))  # overload is answered before any decoding work
         entry = await self._resolve(name)
         while entry.retired:  # replaced while it was being loaded: serve the version that won
             entry = await self._resolve(name)

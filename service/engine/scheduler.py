@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 
 from service.engine.metrics import EngineMetrics
-from service.engine.protocol import DeadlineExceeded, Overloaded
+from service.engine.protocol import DeadlineExceeded, Overloaded, Unavailable
 from service.engine.resident import TaskEntry
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ class Scheduler:
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
+        self.closed = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="ssf-scheduler")
@@ -116,6 +117,7 @@ class Scheduler:
             await asyncio.wait_for(self._idle.wait(), drain_timeout_s)
         except TimeoutError:
             log.warning("drain timed out with %d images waiting", self.images_waiting)
+        self.closed = True
         if self._task is not None:
             self._task.cancel()
             try:
@@ -127,8 +129,10 @@ class Scheduler:
                 p.future.set_exception(DeadlineExceeded("the server stopped before this request ran"))
         self.queue.clear()
 
-    def submit(self, entry: TaskEntry, x: torch.Tensor, deadline: float) -> asyncio.Future[torch.Tensor]:
-        n = int(x.shape[0])
+    def admit(self, n: int) -> None:
+        """Refuse at once (before any decoding) when ``n`` more images would overflow the queue."""
+        if self.closed:
+            raise Unavailable("the engine is stopping")
         if self.images_waiting + n > self.config.max_queue_images:
             self.metrics.rejected.labels("queue_full").inc()
             per_image = self.costs.per_image_s.get("mixed", 0.01)
@@ -136,6 +140,10 @@ class Scheduler:
             raise Overloaded(
                 f"{self.images_waiting} images are queued (limit {self.config.max_queue_images})", retry
             )
+
+    def submit(self, entry: TaskEntry, x: torch.Tensor, deadline: float) -> asyncio.Future[torch.Tensor]:
+        self.admit(int(x.shape[0]))
+        n = int(x.shape[0])
         future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         self.queue.append(Pending(entry, x, deadline, future))
         self.images_waiting += n
