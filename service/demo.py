@@ -55,9 +55,10 @@ def random_assets(directory: Path, num_tasks: int = 2) -> tuple[Path, list[Path]
         ssf.inject_ssf(model, "foldable")
         g = torch.Generator().manual_seed(100 + i)
         with torch.no_grad():
-            for affine in model.ssf.values():
-                affine.scale.copy_(1 + 0.2 * torch.randn(affine.scale.shape, generator=g))
-                affine.shift.copy_(0.2 * torch.randn(affine.shift.shape, generator=g))
+            for affine in model.modules():
+                if isinstance(affine, ssf.ScaleShift):
+                    affine.scale.copy_(1 + 0.2 * torch.randn(affine.scale.shape, generator=g))
+                    affine.shift.copy_(0.2 * torch.randn(affine.shift.shape, generator=g))
             for name, p in model.named_parameters():
                 if name.startswith(ssf.head_prefix(model) + "."):
                     p.copy_(0.05 * torch.randn(p.shape, generator=g))
