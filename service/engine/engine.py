@@ -92,6 +92,7 @@ class Engine:
         self.metrics = EngineMetrics()
         self.ready = False
         self.draining = False
+        self._requests = 0  # predict calls between admission and answer
         self._resident: dict[str, TaskEntry] = {}
         self._retired: list[TaskEntry] = []
         self._bad: set[tuple[str, int]] = set()
@@ -135,14 +136,17 @@ class Engine:
         """Refuse new work, let queued requests finish (up to ``drain_timeout_s``), release the threads."""
         self.ready = False
         self.draining = True
+        deadline = time.monotonic() + drain_timeout_s
+        while self._requests and time.monotonic() < deadline:  # admitted requests still decoding
+            await asyncio.sleep(0.01)
         if hasattr(self, "scheduler"):
-            await self.scheduler.stop(drain_timeout_s)
+            await self.scheduler.stop(max(0.0, deadline - time.monotonic()))
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*list(self._background), return_exceptions=True)
         self._background.clear()
         self._model_thread.shutdown(wait=False, cancel_futures=True)
-        self._cpu_pool.shutdown(wait=False, cancel_futures=True)
+        self._cpu_pool.shutdown(wait=False)  # a late decode finishes, then meets a closed scheduler
         if self.owns_store:
             await asyncio.to_thread(self.store.close)
 
@@ -237,10 +241,12 @@ class Engine:
         while entry.retired:  # replaced while it was being loaded: serve the version that won
             entry = await self._resolve(name)
         entry.inflight += 1
+        self._requests += 1
         try:
             x = await self._on_cpu(self.preprocess, images)
             logits = await self.scheduler.submit(entry, x, deadline)
         finally:
+            self._requests -= 1
             entry.inflight -= 1
             if entry.retired:
                 self._collect()

@@ -195,3 +195,18 @@ def test_fill_never_splits_a_request_and_runs_an_oversized_one_alone() -> None:
     assert [p.entry.name for p in s.choose()[1]] == ["a"]  # b would overflow 8; c must not overtake it
     s.queue = [_pending("big", 20), _pending("a", 1)]
     assert [p.entry.name for p in s.choose()[1]] == ["big"]
+
+
+def test_requests_caught_mid_decode_by_stop_are_answered_not_hung(weights_dir: Path) -> None:
+    async def scenario() -> None:
+        engine = vit_engine(weights_dir, path_policy="mixed")
+        await engine.start()
+        await add(engine, "a")
+        calls = [asyncio.create_task(engine.predict("a", images(4), 1)) for _ in range(4)]
+        await asyncio.sleep(0)  # admitted, now decoding on the CPU pool
+        await engine.stop(drain_timeout_s=5)
+        done = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+        for outcome in done:
+            assert not isinstance(outcome, BaseException) or isinstance(outcome, Unavailable), outcome
+
+    asyncio.run(scenario())
