@@ -93,5 +93,5 @@ def fingerprint(model: nn.Module) -> str:
     for key, value in sorted(backbone_state(model).items()):
         t = value.detach().to("cpu").contiguous()
         digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim buffers too
     return "sha256:" + digest.hexdigest()

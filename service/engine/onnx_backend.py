@@ -60,7 +60,10 @@ class OnnxBackend:
     def __init__(self, torch_backend: TorchBackend, max_cache_bytes: int, metrics: EngineMetrics) -> None:
         self.metrics = metrics
         self.sites = torch_backend.sites
-        self.base = {k: v.detach().to("cpu", torch.float32) for k, v in torch_backend.base.items()}
+        self.base = {
+            k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
+            for k, v in torch_backend.base.items()
+        }
         identity = {s.path: (torch.ones(s.channels), torch.zeros(s.channels)) for s in self.sites}
         # the base with zero biases wherever folding would create one
         self.state = {**ssf.fold_state_dict(self.base, self.sites, identity), **self.base}
@@ -77,7 +80,12 @@ class OnnxBackend:
         example = torch.randn(2, *size, generator=g)
         self.proto = onnx.load_from_string(export_plain(model, example))
         self.index = {init.name: i for i, init in enumerate(self.proto.graph.initializer)}
-        missing = [k for k in self.state if k not in self.index and self.state[k].numel() > 0]
+        # integer buffers (BatchNorm's num_batches_tracked) take no part in an eval graph
+        missing = [
+            k
+            for k, v in self.state.items()
+            if k not in self.index and v.numel() > 0 and v.is_floating_point()
+        ]
         if missing:
             raise OnnxExportError(
                 f"{len(missing)} weights have no initializer of their name, e.g. {missing[:3]}"

@@ -30,18 +30,7 @@ from tests.service.engine.helpers import (
 )
 
 TASKS = 4  # task 3 is a head-only (linear-probe) delta: it runs on the identity row
-FAMILIES = [
-    "vit",
-    "swin",
-    "convnext",
-    pytest.param(
-        "resnet",
-        marks=pytest.mark.xfail(
-            reason="ssf.fingerprint cannot view the 0-dim BatchNorm num_batches_tracked as bytes (core bug)",
-            strict=False,
-        ),
-    ),
-]
+FAMILIES = ["vit", "swin", "convnext", "resnet"]
 
 
 def method(i: int) -> str:
