@@ -160,6 +160,8 @@ def main(quick: bool = False) -> None:
     rows = []
     for name in ("test_vit", "ssf_demo_vit"):
         rows += bench_model(name, reps, BATCHES[:3] if quick else BATCHES, onnx=True)
+    if not quick:  # a real-size backbone, briefly: the mixed path's fixed per-site cost shrinks with width
+        rows += bench_model("vit_base_patch16_224", 7, (1, 4), onnx=False)
     merges = [merge_seconds(n, reps) for n in ("test_vit", "ssf_demo_vit")]
     merges.append(merge_seconds("vit_base_patch16_224", 3))
     RESULTS.mkdir(parents=True, exist_ok=True)
