@@ -9,6 +9,11 @@
 
 One thread owns the model (every forward, table write and merge runs there); a small pool decodes images
 and validates deltas; the event loop only schedules.
+
+Residency is keyed by (task, version): a request holds the version it resolved until it is answered, and
+a replaced version's table row and merged copy are freed only when no request holds it. Changes made by
+other replicas arrive as store hints (``watch``) and, since hints may be lost, by reconciling against
+``store.versions()`` every ``reconcile_interval_s``; a task that is not resident costs one store lookup.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import torch
 
@@ -42,7 +47,6 @@ from service.store.base import StoredTask, StoreError, TaskNotFound, TaskStore
 from ssf.delta import TASK_NAME_RE
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
