@@ -9,6 +9,7 @@ nothing here lets a Pillow exception escape.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,10 @@ class Preprocessor:
         self.transform: Callable[[Image.Image], torch.Tensor] = timm.data.create_transform(
             **self.config, is_training=False
         )
+        # The transform first resizes the short side to about input / crop_pct: a 65535x1 image is only
+        # 65535 pixels but would grow to billions, so the resized size is checked too.
+        _, height, width = self.config["input_size"]
+        self.resize_short = math.ceil(max(height, width) / float(self.config.get("crop_pct") or 1.0)) + 1
 
     def check_count(self, images: Sequence[bytes]) -> None:
         if not images:
@@ -102,6 +107,13 @@ class Preprocessor:
             raise ImageTooLarge(
                 f"image {index} is {width}x{height} = {width * height} pixels; "
                 f"the limit is {self.limits.max_pixels}"
+            )
+        scale = self.resize_short / min(width, height)
+        if scale > 1 and width * height * scale * scale > self.limits.max_pixels:
+            grown = int(width * height * scale * scale)
+            raise ImageTooLarge(
+                f"image {index} is {width}x{height}: resizing its short side to {self.resize_short} px "
+                f"would make {grown} pixels; the limit is {self.limits.max_pixels}"
             )
         img.load()
         return ImageOps.exif_transpose(img).convert("RGB")

@@ -4,6 +4,7 @@ every failure a domain error that names the image."""
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,24 @@ def test_decompression_bomb_is_refused_before_decoding(pre: Preprocessor) -> Non
     small_limit = Preprocessor(timm.create_model("test_vit", pretrained=False), ImageLimits(max_pixels=1000))
     with pytest.raises(ImageTooLarge, match="80x60"):
         small_limit([encode("PNG", 0)])
+
+
+def test_extreme_aspect_ratio_cannot_blow_up_in_the_resize(pre: Preprocessor) -> None:
+    out = io.BytesIO()
+    Image.new("L", (65535, 1)).save(out, format="PNG")  # 65535 pixels, but billions after the resize
+    started = time.monotonic()
+    with pytest.raises(ImageTooLarge, match="65535x1"):
+        pre([out.getvalue()])
+    assert time.monotonic() - started < 1.0
+    assert tuple(pre([encode("PNG", 0, size=(400, 40))]).shape) == (1, 3, 160, 160)  # a 10:1 strip is fine
+
+
+def test_odd_modes_and_sizes_are_accepted(pre: Preprocessor) -> None:
+    for mode, fmt in (("CMYK", "JPEG"), ("LA", "PNG"), ("I;16", "PNG"), ("1", "BMP"), ("P", "WEBP")):
+        out = io.BytesIO()
+        Image.new(mode, (50, 40)).save(out, format=fmt)
+        assert tuple(pre([out.getvalue()]).shape) == (1, 3, 160, 160), mode
+    assert tuple(pre([encode("PNG", 0, size=(1, 1))]).shape) == (1, 3, 160, 160)
 
 
 def test_count_and_byte_limits(pre: Preprocessor) -> None:
