@@ -113,3 +113,24 @@ def test_engine_answers_bad_images_with_domain_errors(weights_dir: Path) -> None
         assert (await engine.predict("img", images(2), 1)).version == 1
 
     run(vit_engine(weights_dir), scenario)
+
+
+def test_truncations_and_bit_flips_only_ever_raise_domain_errors(pre: Preprocessor) -> None:
+    """A small S1: every cut point class and random bit flips, per format; never an unhandled exception."""
+    rng = np.random.default_rng(1)
+    outcomes: dict[str, int] = {}
+    for fmt in ("JPEG", "PNG", "WEBP", "BMP"):
+        data = encode(fmt, 5, size=(64, 48))
+        cases = [data[: int(len(data) * f)] for f in np.linspace(0.02, 0.98, 12)]
+        for _ in range(25):
+            flipped = bytearray(data)
+            for pos in rng.integers(0, len(data), 4):
+                flipped[pos] ^= 1 << int(rng.integers(0, 8))
+            cases.append(bytes(flipped))
+        for case in cases:
+            try:
+                pre([case])
+                outcomes["ok"] = outcomes.get("ok", 0) + 1
+            except (BadImage, ImageTooLarge, UnsupportedMediaType) as e:
+                outcomes[type(e).__name__] = outcomes.get(type(e).__name__, 0) + 1
+    assert outcomes.get("BadImage", 0) > 20  # the corpus really was broken
