@@ -220,8 +220,25 @@ class Engine:
             "backbone_fingerprint": delta.backbone_fingerprint,
             "metrics": delta.metrics,
         }
-        stored: StoredTask = await self._on_cpu(lambda: self.store.put(task, data, info, replace=replace))
-        await self._install(stored, delta)
+        # Everything that can fail on this replica happens before the store sees the new version, so a
+        # delta that cannot be installed (or built into an ONNX session) leaves the old version serving.
+        # stored is set once the store has it
+        entry = TaskEntry(stored=None, delta=delta)  # type: ignore[arg-type]
+        try:
+            await self._on_model(self._install_on_model, entry)
+        except Exception as e:
+            await self._on_model(self._release_on_model, [entry])
+            log.exception("task %s could not be installed", task)
+            raise InvalidDelta(
+                f"the delta could not be built on this server: {e}", code="build_failed"
+            ) from e
+        try:
+            stored: StoredTask = await self._on_cpu(lambda: self.store.put(task, data, info, replace=replace))
+        except BaseException:
+            await self._on_model(self._release_on_model, [entry])
+            raise
+        entry.stored = stored
+        self._publish(entry)
         return stored
 
     async def delete_task(self, name: str) -> None:
@@ -278,6 +295,13 @@ class Engine:
     async def _install(self, stored: StoredTask, delta: ssf.Delta) -> TaskEntry:
         entry = TaskEntry(stored=stored, delta=delta)
         await self._on_model(self._install_on_model, entry)
+        return self._publish(entry)
+
+    def _publish(self, entry: TaskEntry) -> TaskEntry:
+        """Make an installed entry the task's current version, unless a newer one got there first."""
+        stored = entry.stored
+        if self._onnx is not None and entry.prebuilt is not None:
+            self._onnx.adopt(entry)
         current = self._resident.get(stored.name)
         if current is not None and current.version >= stored.version:
             self._retire(entry)  # a newer version won the race; this one never served
@@ -290,6 +314,8 @@ class Engine:
 
     def _install_on_model(self, entry: TaskEntry) -> None:
         self.backend.install(entry)
+        if self.backend_name == "onnx":
+            self._onnx.prepare(entry)  # the session is built now: a graph that fails fails the upload
 
     def _retire(self, entry: TaskEntry) -> None:
         entry.retired = True

@@ -148,6 +148,18 @@ class OnnxBackend:
         session, _ = self.sessions.get_or_build(entry.key, build)
         return session
 
+    def prepare(self, entry: TaskEntry) -> None:
+        """Build the task's session ahead of its version number (upload): failures surface here."""
+        start = time.perf_counter()
+        data = self.merged_bytes(entry)
+        entry.prebuilt = (self._session(data), len(data))
+        self.metrics.merge_seconds.labels("onnx").observe(time.perf_counter() - start)
+
+    def adopt(self, entry: TaskEntry) -> None:
+        session, nbytes = entry.prebuilt
+        entry.prebuilt = None
+        self.sessions.put(entry.key, session, nbytes)
+
     def merged_cached(self, entry: TaskEntry) -> bool:
         return entry.key in self.sessions
 
@@ -156,7 +168,9 @@ class OnnxBackend:
         return torch.from_numpy(out)
 
     def release(self, entry: TaskEntry) -> None:
-        self.sessions.discard(entry.key)
+        entry.prebuilt = None
+        if entry.stored is not None:
+            self.sessions.discard(entry.key)
 
     def warmup(self, example: torch.Tensor) -> None:
         self.base_session.run(["logits"], {"image": example.float().numpy()})

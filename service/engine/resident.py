@@ -30,6 +30,7 @@ class TaskEntry:
     head: dict[str, torch.Tensor] = field(default_factory=dict)  # on the device, in the compute dtype
     inflight: int = 0
     retired: bool = False
+    prebuilt: Any = None  # an ONNX session built before the version existed, adopted once it does
 
     @property
     def name(self) -> str:

@@ -60,7 +60,8 @@ class TorchBackend:
     def release(self, entry: TaskEntry) -> None:
         self.tables.release(entry.row)
         entry.row = 0
-        self.cache.discard(entry.key)
+        if entry.stored is not None:  # None: an upload that failed before it got a version
+            self.cache.discard(entry.key)
 
     # ---------------------------------------------------------------------------------- forwards
     def prepare(self, x: torch.Tensor) -> torch.Tensor:

@@ -247,3 +247,40 @@ def test_registry_down_at_start_answers_503_then_recovers(weights_dir: Path) -> 
         assert (await engine.predict("later", images(1), 1)).version == 1
 
     run(vit_engine(weights_dir, store), scenario)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_a_delta_that_fails_to_build_leaves_the_old_version_serving(weights_dir: Path, backend: str) -> None:
+    """R8: the failure is injected after the row is taken (torch) or while building the session (onnx)."""
+    v1, v2 = make_task(FAMILY, seed=150), make_task(FAMILY, seed=151)
+    batch = images(1, seed=6)
+
+    async def scenario(engine: Engine) -> None:
+        await engine.add_task(delta_bytes(FAMILY, v1, "steady"), None, replace=False)
+        if backend == "torch":
+            install = engine.backend.install
+
+            def broken(entry: Any) -> None:
+                install(entry)
+                raise RuntimeError("injected install failure")
+
+            engine.backend.install = broken  # type: ignore[method-assign]
+        else:
+
+            def broken(entry: Any) -> None:
+                raise RuntimeError("injected ONNX build failure")
+
+            engine._onnx.prepare = broken
+        with pytest.raises(InvalidDelta) as e:
+            await engine.add_task(delta_bytes(FAMILY, v2, "steady"), None, replace=True)
+        assert e.value.code == "build_failed"
+        assert engine.get_task("steady").version == 1  # the store never saw version 2
+        r = await engine.predict("steady", batch, top_k=5)
+        want = torch.softmax(reference(v1, engine.preprocess(batch)), -1)
+        assert r.version == 1 and (probs(r) - want).abs().max() <= 1e-4
+        assert engine.backend.tables.rows_used == 1  # the failed upload's row went back
+
+    engine = vit_engine(weights_dir)
+    if backend == "onnx":
+        engine = Engine(MODELS[FAMILY], backbone_file(FAMILY, weights_dir), MemoryStore(), backend="onnx")
+    run(engine, scenario)
