@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 NGINX_TEMPLATE = DEPLOY / "nginx" / "ssf.conf.template"
 REDIS_CONF = DEPLOY / "redis" / "redis.conf"
-# passive health, identical for every replica (compose writes the same in SSF_UPSTREAM_SERVERS)
+# passive health, identical for every replica (compose writes the same in NGINX_UPSTREAM_SERVERS)
 UPSTREAM_PARAMS = "max_fails=1 fail_timeout=5s"
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -211,7 +211,9 @@ class Topology:
                 NGINX_TEMPLATE.read_text(),
                 {
                     "NGINX_LISTEN": f"127.0.0.1:{self.nginx_port}",
-                    "SSF_UPSTREAM_SERVERS": upstream_servers([f"127.0.0.1:{p}" for p in self.replica_ports]),
+                    "NGINX_UPSTREAM_SERVERS": upstream_servers(
+                        [f"127.0.0.1:{p}" for p in self.replica_ports]
+                    ),
                     "NGINX_ACCESS_LOG": str(self.access_log),
                 },
             )
