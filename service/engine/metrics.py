@@ -52,6 +52,12 @@ class EngineMetrics:
             buckets=_BATCH_BUCKETS,
             registry=r,
         )
+        self.queue_wait_seconds = Histogram(
+            "ssf_engine_queue_wait_seconds",
+            "Time a request waited before its batch ran",
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge("ssf_engine_queue_depth", "Images waiting to be scheduled", registry=r)
         self.tasks_resident = Gauge("ssf_engine_tasks_resident", "Task versions resident", registry=r)
         self.rejected = Counter(

@@ -270,6 +270,8 @@ class Scheduler:
         if not items:
             return [], []
         images = sum(p.n for p in items)
+        for p in items:
+            self.metrics.queue_wait_seconds.observe(now - p.enqueued)
         start = time.perf_counter()
         outs, merge_s = self.runner(path, items)
         seconds = time.perf_counter() - start - merge_s

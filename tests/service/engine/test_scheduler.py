@@ -85,8 +85,8 @@ def test_auto_policy_merges_a_full_batch_and_mixes_the_long_tail(weights_dir: Pa
         await engine.predict("hot", images(4), 1)
         assert sample(engine, "ssf_engine_cache_hits_total", cache="merged") >= 1
         assert sample(engine, "ssf_engine_merge_seconds_count", kind="torch") == 1
-        text = engine.metrics.registry.get_sample_value("ssf_engine_queue_depth")
-        assert text == 0
+        assert sample(engine, "ssf_engine_queue_depth") == 0
+        assert sample(engine, "ssf_engine_queue_wait_seconds_count") >= 5
 
     run(vit_engine(weights_dir, max_batch_size=4, merged_min_batch=2, max_queue_delay_ms=50), scenario)
 
