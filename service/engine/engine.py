@@ -158,6 +158,12 @@ class Engine:
         model = ssf.create_backbone(self.model_name, self.weights, pretrained=self.pretrained)
         model.eval()
         self.spec = ssf.BackboneSpec.from_model(model, self.model_name, self.site_scheme)
+        unfoldable = [s.path for s in self.spec.sites if not s.foldable]
+        if unfoldable:  # the merged path could not serve them, and the mixed path must agree with it
+            raise ssf.SiteError(
+                f"site scheme {self.site_scheme!r} puts sites that cannot fold on {self.model_name} "
+                f"({unfoldable[:3]}); serve it with site_scheme='foldable'"
+            )
         self.preprocess = Preprocessor(model, self.limits.images)
         self.backend = TorchBackend(
             model,

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+import ssf
 from service.engine.engine import Engine, EngineLimits
 from service.engine.protocol import DeltaTooLarge, InvalidDelta, InvalidParameter, PredictionResult
 from service.engine.scheduler import SchedulerConfig
@@ -284,3 +285,13 @@ def test_a_delta_that_fails_to_build_leaves_the_old_version_serving(weights_dir:
     if backend == "onnx":
         engine = Engine(MODELS[FAMILY], backbone_file(FAMILY, weights_dir), MemoryStore(), backend="onnx")
     run(engine, scenario)
+
+
+def test_a_scheme_with_unfoldable_sites_is_refused_at_start(weights_dir: Path) -> None:
+    """Paper-scheme ConvNeXt has an affine on the residual stream that no merged copy could hold."""
+    engine = Engine(
+        MODELS["convnext"], backbone_file("convnext", weights_dir), MemoryStore(), site_scheme="paper"
+    )
+    with pytest.raises(ssf.SiteError, match="foldable"):
+        asyncio.run(engine.start())
+    asyncio.run(engine.stop())
