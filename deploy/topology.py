@@ -287,6 +287,16 @@ class Topology:
         self.stop()
 
 
+def interrupt_on_sigterm() -> None:
+    """Turn SIGTERM (CI cancelling a job, ``kill``) into KeyboardInterrupt, so that context managers and
+    fixtures tear the topology down instead of leaving orphaned servers in their own sessions."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="test_vit")
@@ -294,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--workdir", type=Path, default=Path("topology-run"))
     args = p.parse_args(argv)
+    interrupt_on_sigterm()
     token = os.environ.get("SSF_ADMIN_TOKEN") or "topology-admin-token"
     topo = Topology(args.workdir.resolve(), args.weights.resolve(), args.model, args.replicas, token)
     with topo:

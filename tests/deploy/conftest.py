@@ -12,11 +12,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deploy.topology import Topology
+from deploy.topology import Topology, interrupt_on_sigterm
 from tests.service.api import kit
 
 TOKEN = "deploy-e2e-token-8c1f2a"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="package", autouse=True)
+def _teardown_on_sigterm() -> None:
+    # a cancelled CI job (SIGTERM) still runs the fixtures' teardown: no servers are left behind
+    interrupt_on_sigterm()
 
 
 @pytest.fixture(scope="package")
