@@ -193,7 +193,7 @@ def _epoch(
         with _autocast(cfg.device):
             loss = _loss(net(x), y, cfg)
         (loss / cfg.accum_steps).backward()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if (i + 1) % cfg.accum_steps == 0 or i + 1 == len(loader):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, warmup, cfg)
