@@ -32,6 +32,7 @@ NGINX_TEMPLATE = DEPLOY / "nginx" / "ssf.conf.template"
 REDIS_CONF = DEPLOY / "redis" / "redis.conf"
 # passive health, identical for every replica (compose writes the same in NGINX_UPSTREAM_SERVERS)
 UPSTREAM_PARAMS = "max_fails=1 fail_timeout=5s"
+FALLBACK_PARAMS = "max_fails=0"  # the fallback pool has no passive health (see the template)
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -45,8 +46,8 @@ def render(template: str, variables: dict[str, str]) -> str:
     return _VAR.sub(lambda m: variables[m.group(1)], template)
 
 
-def upstream_servers(addresses: list[str]) -> str:
-    return " ".join(f"server {a} {UPSTREAM_PARAMS};" for a in addresses)
+def upstream_servers(addresses: list[str], params: str = UPSTREAM_PARAMS) -> str:
+    return " ".join(f"server {a} {params};" for a in addresses)
 
 
 def nginx_main_conf(workdir: Path, include: Path) -> str:
@@ -62,6 +63,29 @@ def nginx_main_conf(workdir: Path, include: Path) -> str:
         f"    include {include};\n"
         "}\n"
     )
+
+
+def nginx_command(
+    prefix: Path, port: int, replicas: list[str], access_log: Path, template: str | None = None
+) -> list[str]:
+    """Render the template (or ``template``) for ``replicas`` into ``prefix`` and return the command
+    that runs nginx in the foreground on 127.0.0.1:``port``."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        raise RuntimeError("nginx is not installed (make system-deps)")
+    prefix.mkdir(parents=True, exist_ok=True)
+    site = prefix / "ssf.conf"
+    variables = {
+        "NGINX_LISTEN": f"127.0.0.1:{port}",
+        "NGINX_UPSTREAM_SERVERS": upstream_servers(replicas),
+        "NGINX_FALLBACK_SERVERS": upstream_servers(replicas, FALLBACK_PARAMS),
+        "NGINX_ACCESS_LOG": str(access_log),
+    }
+    site.write_text(render(template if template is not None else NGINX_TEMPLATE.read_text(), variables))
+    main = prefix / "nginx.conf"
+    main.write_text(nginx_main_conf(prefix, site))
+    cmd = [binary, "-p", str(prefix), "-e", "stderr", "-c", str(main)]
+    return [*cmd, "-g", f"daemon off; master_process on; pid {prefix / 'nginx.pid'};"]
 
 
 def free_port() -> int:
@@ -200,29 +224,8 @@ class Topology:
         return Proc(f"ssf-{i + 1}", cmd, self.workdir / f"ssf-{i + 1}.log", env)
 
     def _nginx_proc(self) -> Proc:
-        binary = shutil.which("nginx") or "/usr/sbin/nginx"
-        if not Path(binary).exists():
-            raise RuntimeError("nginx is not installed (make system-deps)")
-        prefix = self.workdir / "nginx"
-        prefix.mkdir(exist_ok=True)
-        site = prefix / "ssf.conf"
-        site.write_text(
-            render(
-                NGINX_TEMPLATE.read_text(),
-                {
-                    "NGINX_LISTEN": f"127.0.0.1:{self.nginx_port}",
-                    "NGINX_UPSTREAM_SERVERS": upstream_servers(
-                        [f"127.0.0.1:{p}" for p in self.replica_ports]
-                    ),
-                    "NGINX_ACCESS_LOG": str(self.access_log),
-                },
-            )
-        )
-        main = prefix / "nginx.conf"
-        main.write_text(nginx_main_conf(prefix, site))
-        pid = prefix / "nginx.pid"
-        cmd = [binary, "-p", str(prefix), "-e", "stderr", "-c", str(main)]
-        cmd += ["-g", f"daemon off; master_process on; pid {pid};"]
+        replicas = [f"127.0.0.1:{p}" for p in self.replica_ports]
+        cmd = nginx_command(self.workdir / "nginx", self.nginx_port, replicas, self.access_log)
         return Proc("nginx", cmd, self.workdir / "nginx.log")
 
     def check_nginx_config(self) -> None:

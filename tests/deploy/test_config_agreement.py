@@ -15,7 +15,15 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from deploy.topology import NGINX_TEMPLATE, REDIS_CONF, ROOT, UPSTREAM_PARAMS, Topology, render
+from deploy.topology import (
+    FALLBACK_PARAMS,
+    NGINX_TEMPLATE,
+    REDIS_CONF,
+    ROOT,
+    UPSTREAM_PARAMS,
+    Topology,
+    render,
+)
 from service.api.app import create_app
 from service.cli import build_parser
 from service.settings import Settings
@@ -106,6 +114,8 @@ def test_compose_nginx_and_prometheus_point_at_the_replicas() -> None:
     expected = " ".join(f"server {n}:{port} {UPSTREAM_PARAMS};" for n in sorted(ssf_services()))
     nginx = services["nginx"]
     assert nginx["environment"]["NGINX_UPSTREAM_SERVERS"] == expected
+    fallback = " ".join(f"server {n}:{port} {FALLBACK_PARAMS};" for n in sorted(ssf_services()))
+    assert nginx["environment"]["NGINX_FALLBACK_SERVERS"] == fallback
     assert nginx["volumes"] == [
         "./deploy/nginx/ssf.conf.template:/etc/nginx/templates/default.conf.template:ro"
     ]
@@ -174,6 +184,7 @@ def test_nginx_template_limits_match_the_app_and_it_renders_valid(tmp_path: Path
     read_timeout = int(re.search(r"proxy_read_timeout (\d+)s;", text).group(1))
     assert read_timeout > DEFAULTS.request_timeout_s
     assert "proxy_next_upstream error timeout http_502 http_503;" in text
+    assert upload and "error_page" not in upload.group(1), "an upload is never resent"
     with pytest.raises(KeyError):
         render(text, {})
     # the locally rendered file is valid for the nginx installed here
