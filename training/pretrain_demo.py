@@ -124,8 +124,8 @@ def pretrain(minutes: float, batch_size: int, lr: float, seed: int) -> tuple[nn.
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("assets/demo"))
-    parser.add_argument("--minutes", type=float, default=9.0)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--minutes", type=float, default=8.0)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

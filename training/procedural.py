@@ -10,7 +10,9 @@ train/val/test never overlap (they use different seeds). Five downstream tasks p
 - ``texture``: which of 6 fill patterns over the whole image.
 
 ``upstream`` is the pretraining set for the demo backbone: shape x colour x texture (6 x 6 x 4 = 144
-classes) at random position and size, so a backbone must learn form, colour and pattern.
+classes) at random position and size, so a backbone must learn form, colour and pattern, plus 44 letter
+glyphs (Pillow's bundled font, rotated, scaled, coloured; no digits, so the digits task stays unseen) for
+stroke shapes. Half of the images are letters.
 """
 
 from __future__ import annotations
@@ -19,20 +21,23 @@ import math
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 SIZE = 64
 SHAPES = ("circle", "square", "triangle", "cross", "diamond", "star")
 COLOURS = ((230, 60, 60), (60, 200, 80), (70, 100, 240), (240, 220, 60), (200, 80, 220), (240, 240, 240))
 TEXTURES = ("solid", "hstripes", "vstripes", "checker", "dots", "diagonal")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabdefghijkmnpqrty"  # lower case only where it differs
 TASKS: dict[str, list[str]] = {
     "count": [str(n) for n in range(1, 7)],
     "location": [f"r{r}c{c}" for r in range(3) for c in range(3)],
     "orientation": [f"deg{i * 180 // 8:03d}" for i in range(8)],
     "shape": list(SHAPES),
     "texture": list(TEXTURES),
-    "upstream": [f"{s}-{c}-{t}" for s in SHAPES for c in range(len(COLOURS)) for t in TEXTURES[:4]],
+    "upstream": [f"{s}-{c}-{t}" for s in SHAPES for c in range(len(COLOURS)) for t in TEXTURES[:4]]
+    + [f"letter-{ch}" for ch in LETTERS],
 }
+SHAPE_CLASSES = len(SHAPES) * len(COLOURS) * 4
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -102,6 +107,22 @@ def _upstream(rng: np.random.Generator, label: int) -> Image.Image:
     return img
 
 
+def _letter(rng: np.random.Generator, label: int) -> Image.Image:
+    size = int(rng.integers(26, 46))
+    glyph = Image.new("L", (SIZE, SIZE), 0)
+    font = ImageFont.load_default(size=size)
+    ImageDraw.Draw(glyph).text((SIZE / 2, SIZE / 2), LETTERS[label], font=font, fill=255, anchor="mm")
+    glyph = glyph.rotate(float(rng.uniform(-25, 25)), resample=Image.Resampling.BILINEAR)
+    glyph = glyph.transform(
+        (SIZE, SIZE),
+        Image.Transform.AFFINE,
+        (1, 0, float(rng.uniform(-10, 10)), 0, 1, float(rng.uniform(-10, 10))),
+    )
+    img = _background(rng)
+    img.paste(COLOURS[int(rng.integers(len(COLOURS)))], (0, 0), glyph)
+    return img
+
+
 def _count(rng: np.random.Generator, label: int) -> Image.Image:
     img = _background(rng)
     draw = ImageDraw.Draw(img)
@@ -163,6 +184,9 @@ _RENDER = {
 
 def render(task: str, index: int, seed: int) -> tuple[Image.Image, int]:
     """Image number ``index`` of ``task`` under ``seed``: labels cycle so every split is balanced."""
-    label = index % len(TASKS[task])
     rng = np.random.default_rng([seed, index, len(task)])
+    if task == "upstream" and index % 2 == 1:  # every other image is a letter
+        letter = (index // 2) % len(LETTERS)
+        return _letter(rng, letter), SHAPE_CLASSES + letter
+    label = (index // 2) % SHAPE_CLASSES if task == "upstream" else index % len(TASKS[task])
     return _RENDER[task](rng, label), label
