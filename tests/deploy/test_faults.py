@@ -144,20 +144,47 @@ def test_replica_kill9_fails_only_requests_in_flight(topo: Topology, weights: Pa
 
 
 def test_sigterm_under_load_fails_nothing(topo: Topology, weights: Path) -> None:
+    """Also right after the previous test restarted replica 1 (nginx may still hold it down)."""
     owner = spread_tasks(topo, weights, "term-", 8)
     tasks = sorted(owner)
+    probes: list[tuple[float, int | None]] = []  # what /readyz of the draining replica says, and when
+
+    def probe_readiness() -> None:
+        with httpx.Client(timeout=1) as http:
+            for _ in range(400):  # bounded: 20 s at most
+                try:
+                    status: int | None = http.get(f"{topo.replica_url(0)}/readyz").status_code
+                except httpx.HTTPError:
+                    status = None
+                probes.append((time.monotonic(), status))
+                if status is None:
+                    return
+                time.sleep(0.05)
+
     with Load([(topo.url, tasks[i % len(tasks)]) for i in range(4)], max_s=60) as load:
         time.sleep(1.5)
+        prober = threading.Thread(target=probe_readiness, daemon=True)
         t_term = time.monotonic()
         topo.servers[0].signal(signal.SIGTERM)
+        prober.start()
         assert topo.servers[0].popen is not None
         exit_code = topo.servers[0].popen.wait(timeout=20)
         exit_s = time.monotonic() - t_term
+        prober.join(10)
         time.sleep(1.0)
         topo.start_replica(0)
         time.sleep(0.5)
     answers = load.snapshot()
     failed = [a for a in answers if a.status != 200]
-    print(f"SIGTERM: {len(failed)} failed of {len(answers)}; replica exited {exit_code} after {exit_s:.2f}s")
+    not_ready = [t for t, s in probes if s == 503]
+    closed = [t for t, s in probes if s is None]
+    assert not_ready and closed, probes[:5]
+    unready_s = closed[0] - not_ready[0]
+    print(
+        f"SIGTERM: {len(failed)} failed of {len(answers)}; readiness 503 for {unready_s:.2f}s before the "
+        f"listener closed; replica exited {exit_code} after {exit_s:.2f}s"
+    )
     assert not failed, sorted({a.status for a in failed})
+    assert 200 not in {s for t, s in probes if t > not_ready[0]}, "ready again while draining"
+    assert unready_s >= 0.9  # SSF_DRAIN_DELAY_S=1 in this topology
     assert exit_s < 10
