@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -305,9 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="test_vit")
     p.add_argument("--weights", required=True, type=Path)
     p.add_argument("--replicas", type=int, default=2)
-    p.add_argument("--workdir", type=Path, default=Path("topology-run"))
+    p.add_argument("--workdir", type=Path, help="logs, Redis data, nginx files (default: a new temp dir)")
     args = p.parse_args(argv)
     interrupt_on_sigterm()
+    if args.workdir is None:
+        args.workdir = Path(tempfile.mkdtemp(prefix="ssf-topology-"))
     token = os.environ.get("SSF_ADMIN_TOKEN") or "topology-admin-token"
     topo = Topology(args.workdir.resolve(), args.weights.resolve(), args.model, args.replicas, token)
     with topo:
