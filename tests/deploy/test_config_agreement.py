@@ -33,6 +33,12 @@ DEFAULTS = Settings(model="x")
 K8S = ROOT / "deploy" / "k8s"
 
 
+def search(pattern: str, text: str, flags: int = 0) -> re.Match[str]:
+    m = re.search(pattern, text, flags)
+    assert m is not None, f"{pattern!r} not found"
+    return m
+
+
 def compose() -> dict[str, Any]:
     out: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     return out
@@ -152,9 +158,9 @@ def test_env_example_holds_only_settings_and_no_token() -> None:
 def test_dockerfile_entrypoint_flags_env_and_healthcheck() -> None:
     text = (ROOT / "Dockerfile").read_text()
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    entry = yaml.safe_load(re.search(r"^ENTRYPOINT (.+)$", text, re.M).group(1))  # a JSON list
+    entry = yaml.safe_load(search(r"^ENTRYPOINT (.+)$", text, re.M).group(1))  # a JSON list
     assert entry == ["ssf-serve"] and "ssf-serve" in scripts
-    cmd = yaml.safe_load(re.search(r"^CMD (.+)$", text, re.M).group(1))
+    cmd = yaml.safe_load(search(r"^CMD (.+)$", text, re.M).group(1))
     env = dict(re.findall(r"\b(SSF_[A-Z_]+)=(\S+)", text))
     settings = check_settings(parse_cli(cmd), env)
     assert re.search(rf"^EXPOSE {settings.port}$", text, re.M)
@@ -181,7 +187,7 @@ def test_nginx_template_limits_match_the_app_and_it_renders_valid(tmp_path: Path
     assert (
         5 <= int(timeouts["client_header_timeout"]) <= 10 and 5 <= int(timeouts["client_body_timeout"]) <= 10
     )
-    read_timeout = int(re.search(r"proxy_read_timeout (\d+)s;", text).group(1))
+    read_timeout = int(search(r"proxy_read_timeout (\d+)s;", text).group(1))
     assert read_timeout > DEFAULTS.request_timeout_s
     assert "proxy_next_upstream error timeout http_502 http_503;" in text
     assert upload and "error_page" not in upload.group(1), "an upload is never resent"
