@@ -218,8 +218,11 @@ class Topology:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SSF_")}
         env.update({"SSF_ADMIN_TOKEN": self.admin_token, "SSF_DRAIN_DELAY_S": "1"})
         env.update(self.replica_env)
-        # what the ssf-serve console script runs, with this interpreter
-        cmd = [sys.executable, "-m", "service.cli", "--model", self.model, "--weights", str(self.weights)]
+        # the installed ssf-serve console script of this interpreter (what compose and k8s run), else
+        # the module it runs
+        script = Path(sys.executable).with_name("ssf-serve")
+        cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "service.cli"]
+        cmd += ["--model", self.model, "--weights", str(self.weights)]
         cmd += ["--store", self.store_url, "--device", "cpu", "--host", "127.0.0.1"]
         cmd += ["--port", str(self.replica_ports[i])]
         return Proc(f"ssf-{i + 1}", cmd, self.workdir / f"ssf-{i + 1}.log", env)

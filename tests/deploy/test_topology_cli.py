@@ -39,11 +39,12 @@ def test_cli_serves_and_sigterm_stops_everything(tmp_path: Path, weights: Path) 
         m = re.match(r"nginx: (http://127\.0\.0\.1:\d+)", line)
         assert m, line + proc.stdout.read()[-2000:] if proc.poll() is not None else line
         assert httpx.get(m.group(1) + "/readyz", timeout=5).status_code == 200
-        children = subprocess.run(
-            ["pgrep", "-f", str(tmp_path)], capture_output=True, text=True, check=False
-        ).stdout.split()
-        pids = [int(p) for p in children] + [int(p) for p in _redis_pids(tmp_path)]
-        assert len(pids) >= 3, pids  # 2 replicas + nginx (+ redis)
+        # every process it started is its child (each in its own session, so not in its group)
+        children = child_processes(proc.pid)
+        names = sorted(children.values())
+        assert sum("ssf-serve" in n or "service.cli" in n for n in names) == 2, names
+        assert any("redis-server" in n for n in names) and any("nginx" in n for n in names), names
+        pids = list(children)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         deadline = time.monotonic() + 10
@@ -56,8 +57,15 @@ def test_cli_serves_and_sigterm_stops_everything(tmp_path: Path, weights: Path) 
             proc.wait()
 
 
-def _redis_pids(workdir: Path) -> list[str]:
-    """redis-server renames its process title, so find it by its port in the rendered nginx setup."""
-    log = workdir / "redis.log"
-    text = log.read_text(errors="replace") if log.exists() else ""
-    return re.findall(r"^(\d+):M ", text, re.M)[:1]
+def child_processes(parent: int) -> dict[int, str]:
+    """pid -> command line of the direct children of ``parent`` (from /proc; Linux only)."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == parent:
+                cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                out[int(stat.parent.name)] = cmdline
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
