@@ -45,6 +45,22 @@ def run_one(task: str, method: str, args: argparse.Namespace, root: Path) -> dic
     return cli.run(cli.parser().parse_args(argv))
 
 
+def random_init(root: Path, seed: int) -> Path:
+    """The demo architecture at its random init: the control that shows what pretraining gives SSF."""
+    import safetensors.torch
+    import timm
+
+    import ssf
+
+    torch.manual_seed(seed)
+    model = timm.create_model(MODEL, num_classes=0)
+    path = root / "random_init.safetensors"
+    root.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in ssf.backbone_state(model).items()}
+    safetensors.torch.save_file(state, str(path))
+    return path
+
+
 def table(results: dict[str, dict[str, dict[str, Any]]], tasks: tuple[str, ...]) -> str:
     """Rows: methods; columns: tasks, mean, trainable params (mean over tasks: heads differ), wall time."""
     head = "| Method | " + " | ".join(tasks) + " | Mean | Params (K) | Wall (s) |"
@@ -62,7 +78,16 @@ def markdown(results: dict, tasks: tuple[str, ...], args: argparse.Namespace, to
     from bench.report import machine_line
 
     backbone_params = 2.7
-    return f"""## Method comparison on the offline suite (paper Tables 3-4 shape)
+    info = args.weights.with_name("pretrain.json")
+    probe = ""
+    if info.is_file():
+        pre = json.loads(info.read_text())
+        probe = (
+            f" Backbone quality (`{info}`): logistic-regression probe on frozen features, digits test "
+            f"accuracy {pre['digits_probe_acc_pretrained']:.3f} after {pre['minutes']} min of "
+            f"pretraining vs {pre['digits_probe_acc_random_init']:.3f} at random init."
+        )
+    return f"""## Method comparison (offline suite)
 
 {machine_line()}
 
@@ -70,10 +95,11 @@ def markdown(results: dict, tasks: tuple[str, ...], args: argparse.Namespace, to
 `python -m training.pretrain_demo` on procedural shapes and letters), one seed ({args.seed}), {args.epochs}
 epochs, {args.per_class} train images per class, batch 32, AdamW + cosine with a 1-epoch warm-up, model
 selection on val (digits: 20/class; procedural: half the train size), top-1 **test** accuracy (%)
-(digits: the remaining real scans; procedural: 20 images/class). Peak lr: {json.dumps(LR)}, VPT
+(digits: 50 held-out real scans/class; procedural: 20 images/class). Peak lr: {json.dumps(LR)}, VPT
 {LR_VPT}. Adapter bottleneck {methods.ADAPTER_DIM}; VPT-shallow {methods.VPT_SHALLOW_PROMPTS} prompts,
 VPT-deep {methods.VPT_DEEP_PROMPTS} per block. Params: trainable parameters including the head, averaged
-over tasks. Total wall time {total_s / 60:.1f} min.
+over tasks. Total wall time {total_s / 60:.1f} min. The row `ssf (random init)` is the control: SSF on
+the same architecture at its random init (seed {args.seed}), i.e. what the pretrained weights give SSF.{probe}
 
 {table(results, tasks)}
 """
@@ -84,10 +110,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--weights", type=Path, default=BACKBONE)
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
     p.add_argument("--methods", nargs="+", default=list(methods.METHODS), choices=methods.METHODS)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--per-class", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--per-class", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=Path("runs/compare"))
+    p.add_argument("--no-control", dest="control", action="store_false", help="skip SSF at random init")
     p.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -104,6 +131,21 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"[compare] {task:8s} {method:12s} test {summary['test_acc']:.3f} "
                 f"({summary['wall_seconds']:.0f}s)",
+                file=sys.stderr,
+                flush=True,
+            )
+    if args.control:
+        weights = random_init(args.work, args.seed)
+        for task in args.tasks:
+            summary = run_one(
+                task,
+                "ssf",
+                argparse.Namespace(**{**vars(args), "weights": weights}),
+                args.work / "random-init",
+            )
+            results.setdefault("ssf (random init)", {})[task] = summary
+            print(
+                f"[compare] {task:8s} ssf-random   test {summary['test_acc']:.3f}",
                 file=sys.stderr,
                 flush=True,
             )

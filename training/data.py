@@ -157,7 +157,10 @@ def _digit_loader(pixels: np.ndarray) -> Callable[[], Image.Image]:
 
 
 def digits(per_class: int) -> Splits:
-    """sklearn digits (1,797 real scans): per_class train, 20/class val, the rest test (disjoint)."""
+    """sklearn digits (1,797 real scans): per_class train, 20/class val, up to 50/class test (disjoint).
+
+    The test cap keeps evaluation cheap on 2 CPU cores (500 images: +-2% at 80% accuracy).
+    """
     from sklearn.datasets import load_digits
 
     data = load_digits()
@@ -168,7 +171,7 @@ def digits(per_class: int) -> Splits:
         items = [(_digit_loader(data.images[i]), label) for i in idx]
         train += items[:per_class]
         val += items[per_class : per_class + 20]
-        test += items[per_class + 20 :]
+        test += items[per_class + 20 : per_class + 70]
     return Splits([str(d) for d in range(10)], train, val, test)
 
 

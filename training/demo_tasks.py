@@ -18,13 +18,13 @@ import torch
 
 from training import cli
 
-TASKS = {"digits": "digits:50", "shapes": "procedural:shape:40", "count": "procedural:count:40"}
+TASKS = {"digits": "digits:30", "shapes": "procedural:shape:20", "count": "procedural:count:20"}
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo", type=Path, default=Path("assets/demo"))
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--work", type=Path, default=Path("runs/demo_tasks"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
