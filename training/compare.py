@@ -40,7 +40,15 @@ def run_one(task: str, method: str, args: argparse.Namespace, root: Path) -> dic
     lr = LR.get(method, LR_VPT)
     argv = ["--model", MODEL, "--weights", str(args.weights), "--data", spec(task, args.per_class)]
     argv += ["--out", str(out), "--method", method, "--epochs", str(args.epochs), "--lr", str(lr)]
-    argv += ["--batch-size", "32", "--seed", str(args.seed), "--no-plots", "--task-name", task]
+    argv += [
+        "--batch-size",
+        str(args.batch_size),
+        "--seed",
+        str(args.seed),
+        "--no-plots",
+        "--task-name",
+        task,
+    ]
     argv += ["--warmup-epochs", "1"]
     return cli.run(cli.parser().parse_args(argv))
 
@@ -93,13 +101,14 @@ def markdown(results: dict, tasks: tuple[str, ...], args: argparse.Namespace, to
 
 `python -m training.compare` (`make compare`): {MODEL} ({backbone_params}M parameters, pretrained by
 `python -m training.pretrain_demo` on procedural shapes and letters), one seed ({args.seed}), {args.epochs}
-epochs, {args.per_class} train images per class, batch 32, AdamW + cosine with a 1-epoch warm-up, model
-selection on val (digits: 20/class; procedural: half the train size), top-1 **test** accuracy (%)
-(digits: 50 held-out real scans/class; procedural: 20 images/class). Peak lr: {json.dumps(LR)}, VPT
-{LR_VPT}. Adapter bottleneck {methods.ADAPTER_DIM}; VPT-shallow {methods.VPT_SHALLOW_PROMPTS} prompts,
-VPT-deep {methods.VPT_DEEP_PROMPTS} per block. Params: trainable parameters including the head, averaged
-over tasks. Total wall time {total_s / 60:.1f} min. The row `ssf (random init)` is the control: SSF on
-the same architecture at its random init (seed {args.seed}), i.e. what the pretrained weights give SSF.{probe}
+epochs, {args.per_class} train images per class, batch {args.batch_size}, AdamW + cosine with a 1-epoch
+warm-up, model selection on val (digits: 20/class; procedural: half the train size), top-1 **test**
+accuracy (%) (digits: 50 held-out real scans/class; procedural: 20 images/class). Peak lr:
+{json.dumps(LR)}, VPT {LR_VPT}. Adapter bottleneck {methods.ADAPTER_DIM}; VPT-shallow
+{methods.VPT_SHALLOW_PROMPTS} prompts, VPT-deep {methods.VPT_DEEP_PROMPTS} per block. Params: trainable
+parameters including the head, averaged over tasks. Total wall time {total_s / 60:.1f} min. The row
+`ssf (random init)` is the control: SSF on the same architecture at its random init (seed {args.seed}),
+i.e. what the pretrained weights give SSF.{probe}
 
 {table(results, tasks)}
 """
@@ -112,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=list(methods.METHODS), choices=methods.METHODS)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--per-class", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=16, help="small: more steps for the same compute")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=Path("runs/compare"))
     p.add_argument("--no-control", dest="control", action="store_false", help="skip SSF at random init")
