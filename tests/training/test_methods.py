@@ -35,7 +35,7 @@ def test_vpt_prompts_change_the_output_not_its_shape(method: str, per_block: boo
         out = model(x)
     assert out.shape == plain(x).shape and not torch.allclose(out, plain(x))
     n = methods.VPT_DEEP_PROMPTS if per_block else methods.VPT_SHALLOW_PROMPTS
-    depth = len(model.blocks) if per_block else 1
+    depth = len(list(model.get_submodule("blocks").children())) if per_block else 1
     counts = methods.count_params(model)
     assert counts["trainable_params"] == counts["head_params"] + n * 64 * depth
 
