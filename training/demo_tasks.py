@@ -24,7 +24,7 @@ TASKS = {"digits": "digits:30", "shapes": "procedural:shape:20", "count": "proce
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo", type=Path, default=Path("assets/demo"))
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--work", type=Path, default=Path("runs/demo_tasks"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
