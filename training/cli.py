@@ -20,7 +20,7 @@ import torch
 
 import ssf
 from training import data, methods
-from training.loop import TrainConfig, config_dict, evaluate, is_main_process, train
+from training.loop import TrainConfig, config_dict, evaluate, init_distributed, is_main_process, train
 from training.run_io import Outputs, ResumeError
 
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -137,6 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     check_args(args)
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
+    init_distributed(device)
     splits = data.load_splits(args.data)
     name = task_name(args)
     num_classes = len(splits.labels)

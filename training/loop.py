@@ -158,6 +158,7 @@ def train(
         judged = ema.module if ema is not None else model
         val_acc = evaluate(judged, val_loader, device)
         record = {"epoch": epoch + 1, "train_loss": loss, "val_acc": val_acc, "lr": opt.param_groups[0]["lr"]}
+        record["train_batches"] = len(train_loader)  # per rank: shows the sharding under torchrun
         record["elapsed_s"] = round(time.monotonic() - start, 2)
         history.append(record)
         log.info(json.dumps(record))
@@ -185,6 +186,9 @@ def _epoch(
     """One pass over the data; returns the mean training loss."""
     net.train()
     step, total, warmup = sched
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, torch.utils.data.DistributedSampler):
+        sampler.set_epoch(epoch)  # a new shuffle per epoch on every rank
     losses: list[float] = []
     bar = tqdm(_batches(loader, cfg.device), total=len(loader), desc=f"epoch {epoch + 1}", leave=False)
     for i, (x, y) in enumerate(bar):
@@ -209,6 +213,17 @@ def _epoch(
 def _batches(loader: Any, device: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for x, y in loader:
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def init_distributed(device: str) -> None:
+    """Join the torchrun process group before any loader exists, so loaders shard with a
+    DistributedSampler (built later, each rank would train on the whole set), and pin each rank to its own
+    GPU (otherwise every rank's ``.to("cuda")`` lands on cuda:0)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
 
 def _maybe_ddp(model: nn.Module, device: str) -> nn.Module:
