@@ -270,10 +270,10 @@ def capacity(model: torch.nn.Module, x1: torch.Tensor, reps: int) -> float:
 
 
 async def run_grid(quick: bool) -> dict[str, Any]:
+    import os
+
     from bench.naive_server import NaiveServer
     from service.engine.merged import MergedBuilder, meta_skeleton
-
-    import os
 
     counts = (1, 100, 1000) if quick else (1, 10, 100, 1000)
     if os.environ.get("BENCH_SMOKE"):  # a seconds-long run of the whole code path, for debugging
@@ -320,7 +320,9 @@ async def run_grid(quick: bool) -> dict[str, Any]:
                 pick = picker(pop, n, seed=n)
                 seq = [0]
 
-                async def run(rate: float, target: Target = target, pick: Any = pick) -> dict[str, Any]:
+                async def run(
+                    rate: float, target: Target = target, pick: Any = pick, seq: list[int] = seq
+                ) -> dict[str, Any]:
                     seq[0] += 1
                     order = [pick(i) for i in range(int(rate * duration * 2) + 100)]
                     return await open_loop(
@@ -403,9 +405,9 @@ def report(res: dict[str, Any]) -> str:
         "## Many tasks under open-loop load (B2, B11 on CPU)",
         "",
         machine_line(),
-        f"Backbone `{MODEL}` (random weights, fp32), in-process engine fed pre-decoded 1-image tensors through "
-        f"its scheduler (max batch {MAX_BATCH}, max delay {MAX_DELAY_MS:g} ms); Poisson arrivals at fixed "
-        f"rates, latency from the scheduled arrival (open loop); each rate runs "
+        f"Backbone `{MODEL}` (random weights, fp32), in-process engine fed pre-decoded 1-image tensors "
+        f"through its scheduler (max batch {MAX_BATCH}, max delay {MAX_DELAY_MS:g} ms); Poisson arrivals "
+        f"at fixed rates, latency from the scheduled arrival (open loop); each rate runs "
         f"{1.0 if res['quick'] else 1.5:g} s after a warm-up run; the rate is bisected (4-6 runs) for the "
         f"highest throughput with p99 <= {P99_TARGET_S * 1e3:.0f} ms and nothing dropped. Bare-backbone "
         f"capacity at batch {MAX_BATCH}: {res['cap']:.0f} img/s (the search's scale). Merged-copy LRU of "
@@ -419,7 +421,8 @@ def report(res: dict[str, Any]) -> str:
         f"{ratio_single:.2f} ({tput(key['hybrid']):.0f} vs {tput(single):.0f} img/s) | "
         f"{'yes' if ratio_single >= 0.95 else 'no'} |",
         f"| hybrid vs naive server, {n_max} tasks Zipf 1.0, same p99 target | >= 5x | {ratio_naive:.1f}x "
-        f"({tput(key['hybrid']):.0f} vs {tput(key['naive']):.0f} img/s) | {'yes' if ratio_naive >= 5 else 'no'} |",
+        f"({tput(key['hybrid']):.0f} vs {tput(key['naive']):.0f} img/s) | "
+        f"{'yes' if ratio_naive >= 5 else 'no'} |",
         "",
         f"### Throughput at p99 <= {P99_TARGET_S * 1e3:.0f} ms, and the latency at that rate",
         "",
@@ -445,7 +448,7 @@ def report(res: dict[str, Any]) -> str:
         f"Upload (`add_task`: validate, install rows, store) of {len(adds)} deltas: median "
         f"{1e3 * adds[len(adds) // 2]:.1f} ms, p99 {1e3 * percentile(adds, 99):.1f} ms.",
         "",
-        f"![throughput at the p99 target vs tasks](results/40-many-tasks.png)",
+        "![throughput at the p99 target vs tasks](results/40-many-tasks.png)",
     ]
     return "\n".join(lines)
 
