@@ -114,6 +114,7 @@ async def open_loop(
         arrivals.append(t)
     lat: list[float | None] = [None] * len(arrivals)
     errors = 0
+    first_error: list[str] = []
     t0 = loop.time() + 0.02
 
     async def one(i: int) -> None:
@@ -121,8 +122,10 @@ async def open_loop(
         try:
             await send(i)
             lat[i] = loop.time() - (t0 + arrivals[i])
-        except Exception:
+        except Exception as e:
             errors += 1
+            if not first_error:
+                first_error.append(repr(e)[:200])
 
     tasks = []
     for i, at in enumerate(arrivals):
@@ -145,6 +148,7 @@ async def open_loop(
         "sent": len(arrivals),
         "done": len(done),
         "errors": errors,
+        "first_error": first_error[0] if first_error else "",
         "throughput": len(done) / span,
         "goodput": sum(1 for x in done if x <= slo_s) / max(duration_s, 1e-9),
         "p50": percentile(tail, 50),

@@ -1,0 +1,434 @@
+"""B4/B5/B7 and HTTP end to end on this machine.
+
+- Upload to first prediction: through HTTP (``POST /tasks`` until its 201, then the first 200 of
+  ``POST /tasks/{name}/predict``) on a real ``ssf-serve`` subprocess (uvicorn), and in process
+  (``add_task`` then ``predict``).
+- Cold start to ready: ``python -m service.cli`` spawned until ``/readyz`` answers 200, with 0 and with N
+  tasks in the store.
+- Memory per resident task: bytes of scale/shift rows and head per task, and RSS growth per 100 tasks.
+- HTTP end to end against the in-process engine: the highest Poisson (open-loop) rate whose p99 meets the
+  target, for JPEG bodies over HTTP, JPEG bytes in process (``engine.predict``) and pre-decoded tensors in
+  process (``scheduler.submit``). The API takes encoded images only (no tensor input), so the pre-decoded
+  row is in process only.
+
+Writes ``bench/results/50-e2e.md`` and ``50-e2e.png``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+import ssf
+from bench import many_tasks as mt
+from bench.report import RESULTS, ROOT, machine_line, write_section
+
+TOKEN = "bench-admin-token-7f3a"
+TASKS = 10  # tasks the throughput runs spread requests over (uniformly)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def jpegs(n: int, size: tuple[int, int] = (80, 80)) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+# ------------------------------------------------------------------------------------- server
+class Server:
+    def __init__(self, weights: Path, store: Path, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("SSF_")},
+            "SSF_ADMIN_TOKEN": TOKEN,
+            "SSF_DRAIN_DELAY_S": "0",
+            "SSF_MAX_BATCH_SIZE": str(mt.MAX_BATCH),
+            "SSF_MAX_QUEUE_DELAY_MS": str(mt.MAX_DELAY_MS),
+            "SSF_MAX_QUEUE_SIZE": "8192",
+            "OMP_NUM_THREADS": str(torch.get_num_threads()),  # the same intra-op threads as in process
+        }
+        cmd = [sys.executable, "-m", "service.cli", "--model", mt.MODEL, "--weights", str(weights)]
+        cmd += ["--store", str(store), "--device", "cpu", "--port", str(self.port), "--log-level", "warning"]
+        self.log = log
+        self.started = time.perf_counter()
+        with log.open("ab") as f:
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+    def wait_ready(self, timeout_s: float = 120.0) -> float:
+        """Seconds from spawn to the first 200 of /readyz."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ssf-serve exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return time.perf_counter() - self.started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"ssf-serve not ready after {timeout_s} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# ---------------------------------------------------------------------------------- measures
+def upload_http(url: str, deltas: list[ssf.Delta], image: bytes) -> list[tuple[float, float]]:
+    """(seconds to the 201, seconds from the 201 to the first successful prediction) per delta."""
+    out = []
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=url, timeout=30) as c:
+        for d in deltas:
+            data = ssf.delta_to_bytes(d)
+            start = time.perf_counter()
+            r = c.post(
+                "/tasks", files={"delta": ("d.safetensors", data)}, data={"name": d.task}, headers=auth
+            )
+            assert r.status_code == 201, r.text
+            created = time.perf_counter()
+            for _ in range(200):
+                p = c.post(f"/tasks/{d.task}/predict", content=image, headers={"content-type": "image/jpeg"})
+                if p.status_code == 200:
+                    break
+            assert p.status_code == 200, p.text
+            out.append((created - start, time.perf_counter() - created))
+    return out
+
+
+async def inprocess_upload(engine: Any, deltas: list[ssf.Delta], image: bytes) -> list[tuple[float, float]]:
+    out = []
+    for d in deltas:
+        start = time.perf_counter()
+        await engine.add_task(ssf.delta_to_bytes(d), d.task, False)
+        created = time.perf_counter()
+        await engine.predict(d.task, [image], 5)
+        out.append((created - start, time.perf_counter() - created))
+    return out
+
+
+async def memory(
+    spec: ssf.BackboneSpec, head: dict[str, torch.Tensor], weights: Path, n: int
+) -> dict[str, Any]:
+    """RSS of an engine (on a directory store, so stored bytes are not counted) as tasks are added."""
+    from service.engine.engine import Engine
+    from service.store import open_store
+
+    with tempfile.TemporaryDirectory(prefix="ssf-bench-mem-") as tmp:
+        engine = Engine(
+            mt.MODEL, weights, open_store(tmp), device="cpu", pretrained=False, reconcile_interval_s=3600
+        )
+        await engine.start()
+        gc.collect()
+        points = [(0, rss_bytes())]
+        for i in range(n):
+            d = mt.make_delta(spec, head, f"mem{i:05d}", 50_000 + i)
+            await engine.add_task(ssf.delta_to_bytes(d), d.task, False)
+            if (i + 1) % max(1, n // 10) == 0:
+                gc.collect()
+                points.append((i + 1, rss_bytes()))
+        entry = next(iter(engine._resident.values()))
+        sites = engine.backend.tables.sites
+        row_bytes = (
+            sum(2 * s.channels for s in sites) * engine.backend.tables.scale[sites[0].path].element_size()
+        )
+        head_bytes = sum(t.nbytes for t in entry.head.values())
+        delta_bytes = sum(a.nbytes + b.nbytes for a, b in entry.delta.sites.values()) + sum(
+            t.nbytes for t in entry.delta.head.values()
+        )
+        capacity = engine.backend.tables.capacity
+        await engine.stop()
+    return {
+        "points": points,
+        "row_bytes": row_bytes,
+        "head_bytes": head_bytes,
+        "delta_cpu_bytes": delta_bytes,
+        "capacity": capacity,
+    }
+
+
+async def throughput(
+    url: str, engine: Any, names: list[str], images: list[bytes], x: torch.Tensor, quick: bool
+) -> dict[str, Any]:
+    duration = 1.0 if quick else 1.5
+    steps = 4 if quick else 5
+    entries = [engine._resident[n] for n in names]
+    import random
+
+    rng = random.Random(0)
+    order = [(rng.randrange(len(names)), rng.randrange(len(images))) for _ in range(4096)]
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+
+        async def http(i: int) -> Any:
+            t, k = order[i % len(order)]
+            r = await client.post(
+                f"/tasks/{names[t]}/predict", content=images[k], headers={"content-type": "image/jpeg"}
+            )
+            if r.status_code != 200:
+                raise RuntimeError(r.status_code)
+
+        async def inproc_bytes(i: int) -> Any:
+            t, k = order[i % len(order)]
+            return await engine.predict(names[t], [images[k]], 5)
+
+        async def inproc_tensor(i: int) -> Any:
+            t, _ = order[i % len(order)]
+            return await engine.scheduler.submit(entries[t], x, time.monotonic() + 30)
+
+        modes = {
+            "HTTP, JPEG body": http,
+            "in process, JPEG bytes": inproc_bytes,
+            "in process, tensors": inproc_tensor,
+        }
+        results: dict[str, Any] = {}
+        for name, send in modes.items():
+            seq = [0]
+
+            async def run(rate: float, send: Any = send, seq: list[int] = seq) -> dict[str, Any]:
+                seq[0] += 1
+                return await mt.open_loop(send, rate, duration, seq[0])
+
+            await run(20.0)  # warm-up
+            results[name] = await mt.best_rate(run, hi, steps)
+            best = results[name][0] or {}
+            tried = ", ".join(
+                f"{r['rate']:.0f}:{r['p99'] * 1e3:.0f}ms/{r['done']}of{r['sent']}/err{r['errors']}"
+                for r in results[name][1]
+            )
+            print(
+                f"[e2e] {name}: {best.get('throughput', 0):.0f} img/s at p99 {best.get('p99', 0) * 1e3:.0f} ms "
+                f"(tried {tried}) {results[name][1][0]['first_error']}",
+                flush=True,
+            )
+    return results
+
+
+hi = 0.0
+
+
+async def run_all(quick: bool) -> dict[str, Any]:
+    global hi
+    from service.engine.engine import Engine
+    from service.engine.scheduler import SchedulerConfig
+    from service.store import open_store
+
+    res: dict[str, Any] = {"quick": quick}
+    model, spec, head = mt.make_spec(mt.MODEL)
+    x = torch.randn(1, *ssf.sites.input_size(model))
+    hi = mt.capacity(model, x, 3) * 1.15
+    images = jpegs(16)
+    n_cold = 20 if quick else 100
+    reps = 5 if quick else 10
+    with tempfile.TemporaryDirectory(prefix="ssf-bench-e2e-") as tmp_name:
+        tmp = Path(tmp_name)
+        weights = mt.save_weights(model, tmp)
+        log = tmp / "server.log"
+        # cold start, empty store
+        empty = Server(weights, tmp / "store-empty", log)
+        res["cold_empty"] = empty.wait_ready()
+        empty.stop()
+        # a store with n_cold tasks, then cold start on it
+        store = open_store(str(tmp / "store"))
+        for i in range(n_cold):
+            d = mt.make_delta(spec, head, f"cold{i:04d}", 10_000 + i)
+            store.put(d.task, ssf.delta_to_bytes(d), {})
+        store.close()
+        server = Server(weights, tmp / "store", log)
+        res["cold_tasks"] = server.wait_ready()
+        res["n_cold"] = n_cold
+        try:
+            deltas = [mt.make_delta(spec, head, f"up{i:04d}", 20_000 + i) for i in range(reps + TASKS)]
+            res["upload_http"] = upload_http(server.url, deltas[:reps], images[0])
+            engine = Engine(
+                mt.MODEL,
+                weights,
+                open_store(str(tmp / "store-inproc")),
+                device="cpu",
+                pretrained=False,
+                scheduler=SchedulerConfig(
+                    max_batch_size=mt.MAX_BATCH, max_queue_delay_ms=mt.MAX_DELAY_MS, max_queue_images=8192
+                ),
+                reconcile_interval_s=3600,
+            )
+            await engine.start()
+            res["upload_inproc"] = await inprocess_upload(engine, deltas[:reps], images[0])
+            names = [d.task for d in deltas[reps:]]
+            for d in deltas[reps:]:
+                await engine.add_task(ssf.delta_to_bytes(d), d.task, False)
+            upload_http(server.url, deltas[reps:], images[0])
+            res["throughput"] = await throughput(server.url, engine, names, images, x, quick)
+            await engine.stop()
+        finally:
+            server.stop()
+        res["memory"] = await memory(spec, head, weights, 200 if quick else 1000)
+    return res
+
+
+# ------------------------------------------------------------------------------------ report
+def ms(v: float) -> str:
+    return f"{v * 1e3:.1f}"
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, (_, tried) in res["throughput"].items():
+        tried = sorted(tried, key=lambda r: r["rate"])
+        a.plot([r["rate"] for r in tried], [r["p99"] * 1e3 for r in tried], "o-", label=name)
+    a.axhline(mt.P99_TARGET_S * 1e3, color="gray", ls="--", lw=0.8, label="p99 target")
+    a.set_xlabel("offered rate (img/s, Poisson)")
+    a.set_ylabel("p99 ms")
+    a.set_yscale("log")
+    a.legend(fontsize=8)
+    pts = res["memory"]["points"]
+    b.plot([p[0] for p in pts], [(p[1] - pts[0][1]) / 1e6 for p in pts], "o-")
+    b.set_xlabel("resident tasks")
+    b.set_ylabel("RSS growth (MB)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def report(res: dict[str, Any]) -> str:
+    up_h = res["upload_http"]
+    up_i = res["upload_inproc"]
+
+    def med(xs: list[float]) -> float:
+        return float(np.median(xs))
+
+    def p99(xs: list[float]) -> float:
+        return mt.percentile(xs, 99)
+
+    tp = res["throughput"]
+
+    def best(name: str) -> float:
+        b = tp[name][0]
+        return b["throughput"] if b else 0.0
+
+    ratio = best("HTTP, JPEG body") / max(best("in process, JPEG bytes"), 1e-9)
+    ratio_t = best("in process, JPEG bytes") / max(best("in process, tensors"), 1e-9)
+    mem = res["memory"]
+    pts = mem["points"]
+    per100 = (pts[-1][1] - pts[0][1]) / max(pts[-1][0], 1) * 100
+    lines = [
+        "## Upload to first prediction, cold start, memory per task, HTTP end to end (B4, B5, B7 on CPU)",
+        "",
+        machine_line(),
+        f"Backbone `{mt.MODEL}` (random weights, fp32, 64x64 input), `ssf-serve` (uvicorn) in a subprocess on "
+        "loopback with a directory store, httpx client in the benchmark process (client and server share the "
+        f"same 2 cores); max batch {mt.MAX_BATCH}, max delay {mt.MAX_DELAY_MS:g} ms.",
+        "",
+        "### Upload to first prediction (B5)",
+        "",
+        "| path | n | upload (to 201) median ms | p99 ms | 201 -> first prediction median ms | p99 ms |",
+        "|---|---|---|---|---|---|",
+        f"| HTTP (`POST /tasks`, then `POST /tasks/{{name}}/predict` JPEG) | {len(up_h)} | "
+        f"{ms(med([u for u, _ in up_h]))} | {ms(p99([u for u, _ in up_h]))} | {ms(med([f for _, f in up_h]))} | "
+        f"{ms(p99([f for _, f in up_h]))} |",
+        f"| in process (`add_task`, then `predict`) | {len(up_i)} | {ms(med([u for u, _ in up_i]))} | "
+        f"{ms(p99([u for u, _ in up_i]))} | {ms(med([f for _, f in up_i]))} | {ms(p99([f for _, f in up_i]))} |",
+        "",
+        "The first prediction after the 201 succeeds at once (the engine installs a task before the store "
+        "has it), so its time is one ordinary prediction at no load.",
+        "",
+        "### Cold start to ready (B7)",
+        "",
+        "| store | spawn -> `/readyz` 200 (s) |",
+        "|---|---|",
+        f"| empty | {res['cold_empty']:.2f} |",
+        f"| {res['n_cold']} tasks (each validated and made resident before ready) | {res['cold_tasks']:.2f} |",
+        "",
+        "### Memory per resident task (B4)",
+        "",
+        "| what | bytes per task |",
+        "|---|---|",
+        f"| scale + shift rows in the site tables (fp32) | {mem['row_bytes']:,} |",
+        f"| head on the device | {mem['head_bytes']:,} |",
+        f"| parsed delta kept on the CPU for merged copies | {mem['delta_cpu_bytes']:,} |",
+        f"| RSS growth per 100 tasks, 0 -> {pts[-1][0]} tasks (tables double as they grow; allocator "
+        f"noise included) | {per100 / 100:,.0f} per task = {per100 / 1e6:.1f} MB per 100 |",
+        "",
+        f"### HTTP end to end against the in-process engine (highest rate with p99 <= "
+        f"{mt.P99_TARGET_S * 1e3:.0f} ms, {TASKS} tasks, uniform)",
+        "",
+        "| path | img/s at target | p50 ms | p95 ms | p99 ms | goodput/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, (b, _) in tp.items():
+        if b is None:
+            lines.append(f"| {name} | 0 (no rate met the target) | - | - | - | - |")
+            continue
+        lines.append(
+            f"| {name} | {b['throughput']:.0f} | {ms(b['p50'])} | {ms(b['p95'])} | {ms(b['p99'])} | "
+            f"{b['goodput']:.0f} |"
+        )
+    lines += [
+        "",
+        "| goal | target | result | met |",
+        "|---|---|---|---|",
+        f"| HTTP (JPEG) / in-process engine (JPEG bytes), throughput at the p99 target | >= 0.8 | {ratio:.2f} | "
+        f"{'yes' if ratio >= 0.8 else 'no'} |",
+        f"| in process: JPEG bytes / pre-decoded tensors (the API has no tensor input; cost of decoding) | "
+        f"(no goal) | {ratio_t:.2f} | - |",
+        "",
+        "![p99 vs offered rate, RSS vs tasks](results/50-e2e.png)",
+    ]
+    return "\n".join(lines)
+
+
+def main(quick: bool = False) -> None:
+    threads = int(os.environ.get("BENCH_THREADS", "2"))
+    torch.set_num_threads(max(1, min(threads, torch.get_num_threads())))
+    start = time.perf_counter()
+    res = asyncio.run(run_all(quick))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    plot(res, RESULTS / "50-e2e.png")
+    print(write_section("50-e2e", report(res)))
+    print(f"[e2e] {time.perf_counter() - start:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main(quick="--quick" in sys.argv)
