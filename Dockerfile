@@ -23,9 +23,17 @@ RUN case "$VARIANT" in \
 # 2) the other dependencies, from pyproject.toml only (source edits do not invalidate this layer)
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# onnxruntime and onnxruntime-gpu both install the module `onnxruntime` and must never share an
+# environment: the CUDA variant takes the `gpu` extra plus onnx/onnxscript instead of the `onnx` extra.
 RUN mkdir ssf service training && \
-    extras="serve,onnx" && if [ "$VARIANT" = cuda ]; then extras="$extras,gpu"; fi && \
-    pip install ".[$extras]" && pip uninstall -y ssf-server
+    if [ "$VARIANT" = cuda ]; then \
+      pip install ".[serve,gpu]" "onnx>=1.16" "onnxscript>=0.1" && \
+      if pip show onnxruntime >/dev/null 2>&1; then \
+        echo "onnxruntime (CPU) was pulled in next to onnxruntime-gpu" >&2; exit 3; fi; \
+    else \
+      pip install ".[serve,onnx]"; \
+    fi && \
+    pip uninstall -y ssf-server
 # 3) the project itself
 COPY ssf ./ssf
 COPY service ./service

@@ -168,6 +168,15 @@ def test_dockerfile_entrypoint_flags_env_and_healthcheck() -> None:
     assert health and health.group(1) == "/healthz" and "/healthz" in routes()
     assert re.search(r"^USER ssf$", text, re.M), "runs as a non-root user"
     assert "ARG VARIANT=cpu" in text and "cuda)" in text
+    # every extra the image installs exists, and the CUDA variant never gets onnxruntime (CPU) next to
+    # onnxruntime-gpu: both install the module `onnxruntime`, and whichever lands last wins
+    extras_known = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    )
+    used_extras = {e for group in re.findall(r'"\.\[([a-z,]+)\]"', text) for e in group.split(",")}
+    assert used_extras and used_extras <= extras_known, used_extras - extras_known
+    cuda = search(r'if \[ "\$VARIANT" = cuda \]; then(.*?)\belse\b', text, re.S).group(1)
+    assert "gpu" in cuda and not re.search(r"\[[a-z,]*\bonnx\b[a-z,]*\]", cuda)
 
 
 # ------------------------------------------------------------------------------------- nginx
