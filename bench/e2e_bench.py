@@ -236,7 +236,8 @@ async def throughput(
                 for r in results[name][1]
             )
             print(
-                f"[e2e] {name}: {best.get('throughput', 0):.0f} img/s at p99 {best.get('p99', 0) * 1e3:.0f} ms "
+                f"[e2e] {name}: {best.get('throughput', 0):.0f} img/s at p99 "
+                f"{best.get('p99', 0) * 1e3:.0f} ms "
                 f"(tried {tried}) {results[name][1][0]['first_error']}",
                 flush=True,
             )
@@ -357,19 +358,20 @@ def report(res: dict[str, Any]) -> str:
         "## Upload to first prediction, cold start, memory per task, HTTP end to end (B4, B5, B7 on CPU)",
         "",
         machine_line(),
-        f"Backbone `{mt.MODEL}` (random weights, fp32, 64x64 input), `ssf-serve` (uvicorn) in a subprocess on "
-        "loopback with a directory store, httpx client in the benchmark process (client and server share the "
-        f"same 2 cores); max batch {mt.MAX_BATCH}, max delay {mt.MAX_DELAY_MS:g} ms.",
+        f"Backbone `{mt.MODEL}` (random weights, fp32, 64x64 input), `ssf-serve` (uvicorn) in a "
+        "subprocess on loopback with a directory store, httpx client in the benchmark process (client and "
+        f"server share the same 2 cores); max batch {mt.MAX_BATCH}, max delay {mt.MAX_DELAY_MS:g} ms.",
         "",
         "### Upload to first prediction (B5)",
         "",
         "| path | n | upload (to 201) median ms | p99 ms | 201 -> first prediction median ms | p99 ms |",
         "|---|---|---|---|---|---|",
         f"| HTTP (`POST /tasks`, then `POST /tasks/{{name}}/predict` JPEG) | {len(up_h)} | "
-        f"{ms(med([u for u, _ in up_h]))} | {ms(p99([u for u, _ in up_h]))} | {ms(med([f for _, f in up_h]))} | "
-        f"{ms(p99([f for _, f in up_h]))} |",
+        f"{ms(med([u for u, _ in up_h]))} | {ms(p99([u for u, _ in up_h]))} | "
+        f"{ms(med([f for _, f in up_h]))} | {ms(p99([f for _, f in up_h]))} |",
         f"| in process (`add_task`, then `predict`) | {len(up_i)} | {ms(med([u for u, _ in up_i]))} | "
-        f"{ms(p99([u for u, _ in up_i]))} | {ms(med([f for _, f in up_i]))} | {ms(p99([f for _, f in up_i]))} |",
+        f"{ms(p99([u for u, _ in up_i]))} | {ms(med([f for _, f in up_i]))} | "
+        f"{ms(p99([f for _, f in up_i]))} |",
         "",
         "The first prediction after the 201 succeeds at once (the engine installs a task before the store "
         "has it), so its time is one ordinary prediction at no load.",
@@ -379,7 +381,8 @@ def report(res: dict[str, Any]) -> str:
         "| store | spawn -> `/readyz` 200 (s) |",
         "|---|---|",
         f"| empty | {res['cold_empty']:.2f} |",
-        f"| {res['n_cold']} tasks (each validated and made resident before ready) | {res['cold_tasks']:.2f} |",
+        f"| {res['n_cold']} tasks (each validated and made resident before ready) | "
+        f"{res['cold_tasks']:.2f} |",
         "",
         "### Memory per resident task (B4)",
         "",
@@ -409,7 +412,8 @@ def report(res: dict[str, Any]) -> str:
         "",
         "| goal | target | result | met |",
         "|---|---|---|---|",
-        f"| HTTP (JPEG) / in-process engine (JPEG bytes), throughput at the p99 target | >= 0.8 | {ratio:.2f} | "
+        "| HTTP (JPEG) / in-process engine (JPEG bytes), throughput at the p99 target | >= 0.8 | "
+        f"{ratio:.2f} | "
         f"{'yes' if ratio >= 0.8 else 'no'} |",
         f"| in process: JPEG bytes / pre-decoded tensors (the API has no tensor input; cost of decoding) | "
         f"(no goal) | {ratio_t:.2f} | - |",
