@@ -13,6 +13,7 @@ prints the nginx URL and runs until Ctrl-C. Tests use ``Topology`` as a context 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import re
 import shutil
@@ -167,7 +168,24 @@ class Proc:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
 
 
-@dataclass
+# Topologies started and not yet stopped: the interpreter's exit stops them even when no context manager
+# or fixture got to (an exception outside one, sys.exit in a helper). Each server runs in its own session,
+# so nothing else would take it down with this process.
+_LIVE: list[Topology] = []
+
+
+def _stop_live_topologies() -> None:
+    for topo in list(_LIVE):
+        try:
+            topo.stop()
+        except Exception as e:  # at exit: report, keep stopping the others
+            print(f"topology teardown at exit: {e}", file=sys.stderr)
+
+
+atexit.register(_stop_live_topologies)
+
+
+@dataclass(eq=False)  # identity: _LIVE tracks these objects
 class Topology:
     workdir: Path
     weights: Path
@@ -240,7 +258,12 @@ class Topology:
             raise RuntimeError(f"nginx -t failed:\n{r.stderr}")
 
     # ------------------------------------------------------------------------------ lifecycle
+    def _track(self) -> None:
+        if self not in _LIVE:
+            _LIVE.append(self)
+
     def start(self) -> None:
+        self._track()
         self.check_nginx_config()
         self.start_redis()
         for i in range(self.replicas):
@@ -251,10 +274,12 @@ class Topology:
         wait_for_port(self.nginx_port)
 
     def start_redis(self) -> None:
+        self._track()
         self.redis.start()
         wait_for_port(self.redis_port)
 
     def start_replica(self, i: int, wait: bool = True) -> None:
+        self._track()
         self.servers[i].start()
         if wait:
             self.wait_ready(i)
@@ -274,6 +299,8 @@ class Topology:
     def stop(self) -> None:
         """Tear everything down; each part is stopped even when another one fails to."""
         errors = []
+        if self in _LIVE:
+            _LIVE.remove(self)
         for proc in [self.nginx, *self.servers, self.redis]:
             try:
                 proc.stop()

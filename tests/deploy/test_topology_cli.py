@@ -1,5 +1,6 @@
 """``python deploy/topology.py`` (the manual way to run the topology): it comes up, serves through nginx,
-and SIGTERM takes every process it started down with it."""
+and SIGTERM takes every process it started down with it; a failed start and a plain interpreter exit leave
+no server behind either."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deploy.topology import ROOT
+from deploy.topology import ROOT, Topology
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis, pytest.mark.timeout(180)]
 
@@ -69,3 +70,30 @@ def child_processes(parent: int) -> dict[int, str]:
         except (OSError, ValueError, IndexError):
             continue
     return out
+
+
+def test_failed_start_leaves_nothing_behind(tmp_path: Path) -> None:
+    # a replica that cannot start (no weights file): Topology raises with its log and stops Redis too
+    topo = Topology(tmp_path, tmp_path / "missing.safetensors", ready_timeout_s=90)
+    with pytest.raises(RuntimeError, match="ssf-1"), topo:
+        pytest.fail("the topology must not come up without weights")
+    procs = [topo.redis, *topo.servers, topo.nginx]
+    assert topo.redis.popen is not None, "Redis was started before the replicas"
+    assert not [p.name for p in procs if p.running], "processes left behind"
+
+
+def test_interpreter_exit_stops_a_topology_nobody_stopped(tmp_path: Path, weights: Path) -> None:
+    # no context manager, no stop(): the atexit hook still takes the server down (it runs in its own
+    # session, so nothing else would)
+    script = (
+        "import sys; from pathlib import Path; from deploy.topology import Topology\n"
+        f"t = Topology(Path({str(tmp_path)!r}), Path({str(weights)!r}))\n"
+        "t.start_redis(); print(t.redis.popen.pid, flush=True); sys.exit(0)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    pid = int(r.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(pid), "redis-server outlived the interpreter that started it"
