@@ -273,6 +273,54 @@ def test_k8s_service_ingress_and_hpa_point_at_the_deployment() -> None:
     assert shlex.join(redis["spec"]["template"]["spec"]["containers"][0]["command"]).endswith("redis.conf")
 
 
+# Per-Ingress annotations of kubernetes/ingress-nginx that these manifests may use (from its
+# docs/user-guide/nginx-configuration/annotations.md). ingress-nginx ignores an unknown annotation without
+# a word, e.g. client-body-timeout, which exists only as a controller ConfigMap key.
+INGRESS_NGINX_ANNOTATIONS = {
+    "proxy-body-size",
+    "proxy-connect-timeout",
+    "proxy-read-timeout",
+    "proxy-send-timeout",
+    "proxy-next-upstream",
+    "proxy-next-upstream-timeout",
+    "proxy-next-upstream-tries",
+    "proxy-request-buffering",
+    "proxy-http-version",
+    "client-body-buffer-size",
+    "upstream-hash-by",
+    "load-balance",
+    "limit-connections",
+    "limit-rps",
+}
+
+
+def test_k8s_ingress_matches_the_nginx_template() -> None:
+    template = NGINX_TEMPLATE.read_text()
+    prefix = "nginx.ingress.kubernetes.io/"
+    main, upload = k8s("Ingress", "ssf-serve"), k8s("Ingress", "ssf-serve-upload")
+    for ing in (main, upload):
+        names = {k.removeprefix(prefix) for k in ing["metadata"]["annotations"] if k.startswith(prefix)}
+        assert names <= INGRESS_NGINX_ANNOTATIONS, (
+            f"not ingress-nginx annotations: {names - INGRESS_NGINX_ANNOTATIONS}"
+        )
+        notes = {k.removeprefix(prefix): v for k, v in ing["metadata"]["annotations"].items()}
+        for key in ("proxy-read-timeout", "proxy-send-timeout"):
+            directive = key.replace("-", "_")
+            assert f"{directive} {notes[key]}s;" in template, key
+    # non_idempotent only where the only POST is predict; the upload (Exact /tasks) is never resent
+    assert main["metadata"]["annotations"][prefix + "proxy-next-upstream"].endswith(" non_idempotent")
+    assert "non_idempotent" not in upload["metadata"]["annotations"][prefix + "proxy-next-upstream"]
+    assert upload["spec"]["rules"][0]["http"]["paths"][0] == {
+        **upload["spec"]["rules"][0]["http"]["paths"][0],
+        "path": "/tasks",
+        "pathType": "Exact",
+    }
+    # slowloris timeouts: controller-wide keys, the template's values
+    controller = k8s("ConfigMap", "ingress-nginx-controller")["data"]
+    for key in ("client-header-timeout", "client-body-timeout"):
+        assert f"{key.replace('-', '_')} {controller[key]}s;" in template, key
+
+
 def test_the_checks_catch_a_wrong_flag_or_setting() -> None:
     """Negative control: the helpers above really refuse what ssf-serve would refuse or ignore."""
     from service.cli import UsageError
