@@ -346,10 +346,13 @@ async def run_grid(quick: bool) -> dict[str, Any]:
                 row = {"tasks": n, "popularity": pop, "policy": policy, "best": best, "tried": tried}
                 if policy == "naive":
                     row["loads"] = server.loads
+                    row["build_s"], row["forward_s"] = server.build_s, server.forward_s
+                    row["naive_batches"] = server.batches
                     await target.close()
                 else:
                     for k in ("merged", "mixed"):
                         row[f"{k}_batches"] = engine.metrics.batches.labels(k)._value.get() - counted[k]
+                    row["per_image_s"] = dict(engine.scheduler.costs.per_image_s)
                 rows.append(row)
                 b = best or {}
                 print(
@@ -464,7 +467,55 @@ def report(res: dict[str, Any]) -> str:
         "",
         "![throughput at the p99 target vs tasks](results/40-many-tasks.png)",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines[:12] + explain(key, single, ratio_single, ratio_naive, n_max) + lines[12:])
+
+
+def explain(
+    key: dict[str, dict[str, Any]],
+    single: dict[str, Any],
+    ratio_single: float,
+    ratio_naive: float,
+    n_max: int,
+) -> list[str]:
+    """Plain sentences for the goals missed, from what this run measured."""
+    out: list[str] = []
+    h, nv = key["hybrid"], key["naive"]
+    cost = h.get("per_image_s", {})
+    if ratio_single < 0.95:
+        mixed, merged = cost.get("mixed"), single.get("per_image_s", {}).get("merged")
+        detail = (
+            f" The hybrid ran {h['merged_batches']:.0f} merged and {h['mixed_batches']:.0f} mixed batches; "
+            + (
+                f"per image the mixed path cost {mixed * 1e3:.2f} ms there against {merged * 1e3:.2f} ms "
+                "on the single task's merged copy (moving averages of the scheduler's own timings)."
+                if mixed and merged
+                else "the scheduler had no timing of both paths to compare."
+            )
+        )
+        out += [
+            f"Goal missed: {n_max} tasks under Zipf 1.0 reached {ratio_single:.2f} of the single task's "
+            "throughput at the p99 target (goal 0.95)." + detail + " With a 5 ms batching window most "
+            "batches mix tasks (the hot task rarely has 8 images waiting), so they pay the mixed path's "
+            "gather-site overhead (3-5% at batch 16-64 on this backbone in the engine section, more at "
+            "small batches) and batch-size noise; the rate search's step (about 5% of capacity) and the "
+            "shared cores' noise are of the same size as the gap.",
+            "",
+        ]
+    if ratio_naive < 5:
+        forward, build = nv.get("forward_s", 0.0), nv.get("build_s", 0.0)
+        out += [
+            f"Goal missed: the hybrid served {ratio_naive:.1f}x the naive server's throughput at the same "
+            f"p99 target (goal 5x). Profile of the naive server over its runs in that row: "
+            f'{nv["loads"]} copies built ("loads") in {build:.1f} s against {forward:.1f} s of forwards in '
+            f"{nv.get('naive_batches', 0)} batches. On a CPU a copy of this small backbone is built in about "
+            "10 ms from the resident base while a forward of a batch costs tens of ms, so swapping is cheap "
+            "and the naive server loses only what its one-task batches lose; the 5x gap the anchors show "
+            "comes from loads that cost seconds (reading a full checkpoint, a GPU copy over PCIe) and from "
+            "GPUs, where a small batch costs almost as much as a full one. A GPU run (or real per-task "
+            "checkpoints loaded from disk) is what would show it.",
+            "",
+        ]
+    return out
 
 
 def main(quick: bool = False) -> None:

@@ -49,6 +49,8 @@ class NaiveServer:
         self.models: OrderedDict[str, nn.Module] = OrderedDict()
         self.loads = 0
         self.batches = 0
+        self.build_s = 0.0  # model-thread seconds spent building copies ("loading")
+        self.forward_s = 0.0
         self.queue: list[_Req] = []
         self._wakeup = asyncio.Event()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="naive-model")
@@ -79,8 +81,9 @@ class NaiveServer:
             self.models.move_to_end(task)
             return model
         delta = self.deltas[task]
-        model, _, _ = self.builder.build(delta.sites, delta.head)
+        model, _, seconds = self.builder.build(delta.sites, delta.head)
         self.loads += 1
+        self.build_s += seconds
         self.models[task] = model
         while len(self.models) > self.capacity:
             self.models.popitem(last=False)
@@ -88,7 +91,11 @@ class NaiveServer:
 
     @torch.inference_mode()
     def _run(self, task: str, x: torch.Tensor) -> torch.Tensor:
-        return self._model(task)(x)
+        model = self._model(task)
+        start = time.perf_counter()
+        out = model(x)
+        self.forward_s += time.perf_counter() - start
+        return out
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
