@@ -162,21 +162,41 @@ def passes(r: dict[str, Any], target: float = P99_TARGET_S) -> bool:
 
 
 async def best_rate(
-    run: Callable[[float], Awaitable[dict[str, Any]]], hi: float, steps: int
+    run: Callable[[float], Awaitable[dict[str, Any]]], hi: float, steps: int, floor_steps: int = 3
 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """Bisect the offered rate in (0, hi] for the highest one whose p99 meets the target."""
+    """Bisect the offered rate in (0, hi] for the highest one whose p99 meets the target.
+
+    A rate that misses the target by less than 3x is run once more and counts as met if the repeat meets it
+    (one hiccup on shared cores should not decide a row; every policy gets the same second chance). When no
+    rate met the target, the rate keeps halving (``floor_steps`` more runs) to find one that does."""
     lo_ok: dict[str, Any] | None = None
     lo, top = 0.0, hi
     rate = hi * 0.6
-    tried = []
-    for _ in range(steps):
+    tried: list[dict[str, Any]] = []
+
+    async def attempt(rate: float) -> bool:
         r = await run(rate)
         tried.append(r)
+        if not passes(r) and r["done"] == r["sent"] and r["p99"] < 3 * P99_TARGET_S:
+            r = await run(rate)
+            tried.append(r)
+        nonlocal lo_ok
         if passes(r):
-            lo, lo_ok = rate, r
+            lo_ok = r
+            return True
+        return False
+
+    for _ in range(steps):
+        if await attempt(rate):
+            lo = rate
         else:
             top = rate
         rate = (lo + top) / 2
+    rate = top / 2
+    for _ in range(floor_steps if lo_ok is None else 0):
+        if await attempt(rate):
+            break
+        rate /= 2
     return lo_ok, tried
 
 
@@ -424,9 +444,11 @@ def report(res: dict[str, Any]) -> str:
         f"Backbone `{MODEL}` (random weights, fp32), in-process engine fed pre-decoded 1-image tensors "
         f"through its scheduler (max batch {MAX_BATCH}, max delay {MAX_DELAY_MS:g} ms); Poisson arrivals "
         f"at fixed rates, latency from the scheduled arrival (open loop); each rate runs "
-        f"{0.7 if res['quick'] else 1.0:g} s after a 0.5 s warm-up; the rate is bisected (3 runs, 5 for the "
+        f"{0.7 if res['quick'] else 1.0:g} s after a 0.5 s warm-up; the rate is bisected (3 steps, 5 for the "
         f"single-task and {max(r['tasks'] for r in res['rows'])}-task Zipf 1.0 rows) for the "
-        f"highest throughput with p99 <= {P99_TARGET_S * 1e3:.0f} ms and nothing dropped. Bare-backbone "
+        f"highest throughput with p99 <= {P99_TARGET_S * 1e3:.0f} ms and nothing dropped (a rate that "
+        "misses by less than 3x is repeated once and counts if the repeat meets the target, the same for "
+        "every policy; where no rate met it the rate keeps halving). Bare-backbone "
         f"capacity at batch {MAX_BATCH}: {res['cap']:.0f} img/s (the search's scale). Merged-copy LRU of "
         f"the engine and the naive server: {NAIVE_K} full copies ({res['copy_bytes'] / 1e6:.1f} MB each).",
         "",
