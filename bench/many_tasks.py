@@ -431,7 +431,9 @@ def report(res: dict[str, Any]) -> str:
     rows = sorted(
         res["rows"], key=lambda r: (r["tasks"], pop_order[r["popularity"]], POLICIES.index(r["policy"]))
     )
-    single = next(r for r in rows if r["tasks"] == 1 and r["policy"] == "hybrid")
+    # the single-task reference: the best of the four policies serving one task (they all serve the same
+    # task; taking the best keeps one unlucky search from flattering the many-task ratio)
+    single = max((r for r in rows if r["tasks"] == 1), key=tput)
     n_max = max(r["tasks"] for r in rows)
     key = {r["policy"]: r for r in rows if r["tasks"] == n_max and r["popularity"] == "zipf1.0"}
     ratio_single = tput(key["hybrid"]) / max(tput(single), 1e-9)
@@ -456,7 +458,8 @@ def report(res: dict[str, Any]) -> str:
         "",
         "| goal | target | result | met |",
         "|---|---|---|---|",
-        f"| hybrid, {n_max} tasks Zipf 1.0 vs single task (throughput at the p99 target) | >= 0.95 | "
+        f"| hybrid, {n_max} tasks Zipf 1.0 vs single task (throughput at the p99 target; single = best "
+        "policy at 1 task) | >= 0.95 | "
         f"{ratio_single:.2f} ({tput(key['hybrid']):.0f} vs {tput(single):.0f} img/s) | "
         f"{'yes' if ratio_single >= 0.95 else 'no'} |",
         f"| hybrid vs naive server, {n_max} tasks Zipf 1.0, same p99 target | >= 5x | {ratio_naive:.1f}x "
@@ -465,7 +468,7 @@ def report(res: dict[str, Any]) -> str:
         "",
         f"### Throughput at p99 <= {P99_TARGET_S * 1e3:.0f} ms, and the latency at that rate",
         "",
-        "| tasks | popularity | policy | img/s at target | vs single-task hybrid | p50 ms | p95 ms | p99 ms "
+        "| tasks | popularity | policy | img/s at target | vs single task | p50 ms | p95 ms | p99 ms "
         "| goodput/s | batches merged / mixed (all runs) | naive loads |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -489,12 +492,12 @@ def report(res: dict[str, Any]) -> str:
         "",
         "![throughput at the p99 target vs tasks](results/40-many-tasks.png)",
     ]
-    return "\n".join(lines[:12] + explain(key, single, ratio_single, ratio_naive, n_max) + lines[12:])
+    return "\n".join(lines[:12] + explain(rows, key, ratio_single, ratio_naive, n_max) + lines[12:])
 
 
 def explain(
+    rows: list[dict[str, Any]],
     key: dict[str, dict[str, Any]],
-    single: dict[str, Any],
     ratio_single: float,
     ratio_naive: float,
     n_max: int,
@@ -504,12 +507,14 @@ def explain(
     h, nv = key["hybrid"], key["naive"]
     cost = h.get("per_image_s", {})
     if ratio_single < 0.95:
-        mixed, merged = cost.get("mixed"), single.get("per_image_s", {}).get("merged")
+        merged_row = next((r for r in rows if r["tasks"] == 1 and r["policy"] == "merged"), {})
+        mixed, merged = cost.get("mixed"), merged_row.get("per_image_s", {}).get("merged")
         detail = (
             f" The hybrid ran {h['merged_batches']:.0f} merged and {h['mixed_batches']:.0f} mixed batches; "
             + (
                 f"per image the mixed path cost {mixed * 1e3:.2f} ms there against {merged * 1e3:.2f} ms "
-                "on the single task's merged copy (moving averages of the scheduler's own timings)."
+                "on the single task's merged copy (merged-only policy at 1 task; moving averages of "
+                "the scheduler's own timings)."
                 if mixed and merged
                 else "the scheduler had no timing of both paths to compare."
             )
