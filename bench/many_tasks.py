@@ -534,8 +534,10 @@ def explain(
             f"Goal missed: the hybrid served {ratio_naive:.1f}x the naive server's throughput at the same "
             f"p99 target (goal 5x). Profile of the naive server over its runs in that row: "
             f'{nv["loads"]} copies built ("loads") in {build:.1f} s against {forward:.1f} s of forwards in '
-            f"{nv.get('naive_batches', 0)} batches. On a CPU a copy of this small backbone is built in about "
-            "10 ms from the resident base while a forward of a batch costs tens of ms, so swapping is cheap "
+            f"{nv.get('naive_batches', 0)} batches. On this CPU a copy of this small backbone is built in "
+            f"{1e3 * build / max(nv['loads'], 1):.1f} ms on average from the resident base while a forward "
+            f"of a batch costs {1e3 * forward / max(nv.get('naive_batches', 0), 1):.1f} ms, so swapping is "
+            "cheap "
             "and the naive server loses only what its one-task batches lose; the 5x gap the anchors show "
             "comes from loads that cost seconds (reading a full checkpoint, a GPU copy over PCIe) and from "
             "GPUs, where a small batch costs almost as much as a full one. A GPU run (or real per-task "
