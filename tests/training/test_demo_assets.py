@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 import ssf
+from ssf.layers import ScaleShift
 
 DEMO = Path(__file__).resolve().parents[2] / "assets" / "demo"
 
@@ -31,7 +32,10 @@ def test_example_deltas_load_and_fold_on_the_backbone() -> None:
         model = ssf.create_backbone("ssf_demo_vit", DEMO / "backbone.safetensors", delta.num_classes)
         ssf.load_delta(path, ssf.BackboneSpec.from_model(model, "ssf_demo_vit", delta.site_scheme))
         ssf.inject_ssf(model, delta.site_scheme)
-        for key, affine in model.ssf.items():
+        container = model.get_submodule("ssf")
+        assert isinstance(container, torch.nn.ModuleDict)
+        for key, affine in container.items():
+            assert isinstance(affine, ScaleShift)
             affine.scale.data.copy_(delta.sites[key.replace("/", ".")][0])
             affine.shift.data.copy_(delta.sites[key.replace("/", ".")][1])
         model.load_state_dict(delta.head, strict=False)
