@@ -130,7 +130,8 @@ def main(quick: bool = False) -> None:
     lines = ["| Method | Train step (x backbone) | Inference (x backbone) | Trainable state (MB) |"]
     lines.append("|---|---|---|---|")
     for row, r in out.items():
-        lines.append(f"| {row} | {r['train_ratio']:.2f} | {r['infer_ratio']:.2f} | {r['trainable_mb']:.2f} |")
+        train = "n/a (inference only)" if r["train_ratio"] != r["train_ratio"] else f"{r['train_ratio']:.2f}"
+        lines.append(f"| {row} | {train} | {r['infer_ratio']:.2f} | {r['trainable_mb']:.2f} |")
     write_section(
         "30-method-cost",
         f"""## Method cost (paper Figure 3 analogue)
