@@ -1,0 +1,75 @@
+"""S3: schemathesis (CLI, all checks) against the running server's /openapi.json, admin token via an auth
+hook (st_hooks.py). Pass criterion: 0 failures."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.api import kit
+from tests.service.api.test_e2e import ROOT, TOKEN, Server, start_server, stop
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(shutil.which("st") is None, reason="schemathesis CLI (st) is not installed"),
+]
+
+MAX_EXAMPLES = int(os.environ.get("SSF_ST_MAX_EXAMPLES", "25"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("rel-st")
+    weights = kit.backbone_file(tmp)
+    s = start_server(tmp, weights)
+    r = httpx.post(
+        s.url + "/tasks",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        files={"delta": ("d.safetensors", kit.delta_bytes(weights, "cats", 1))},
+    )
+    assert r.status_code == 201, r.text
+    yield s
+    stop(s)
+
+
+def run_st(server: Server, tmp_path: Path, tag: str, *extra: str) -> str:
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.reliability.st_hooks", "SSF_ST_TOKEN": TOKEN}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [shutil.which("st") or "st", "run", f"{server.url}/openapi.json", "--checks", "all", *extra]
+    cmd += ["--max-examples", str(MAX_EXAMPLES), "--request-timeout", "10", "--seed", "1"]
+    cmd += ["--workers", "1", "--no-color"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=270)
+    out = proc.stdout + proc.stderr
+    (tmp_path / f"st-{tag}.log").write_text(out)
+    print(out[-3000:])
+    assert server.proc.poll() is None
+    assert proc.returncode == 0, out[-8000:]
+    return out
+
+
+def test_s3_schemathesis_all_checks(server: Server, tmp_path: Path) -> None:
+    """Every operation but POST /tasks with every check."""
+    run_st(server, tmp_path, "all", "--exclude-name", "POST /tasks")
+
+
+def test_s3_schemathesis_upload(server: Server, tmp_path: Path) -> None:
+    """POST /tasks with every check except positive_data_acceptance: the schema can only say "a binary
+    file", and random bytes are not a valid safetensors delta, so 422 is the right answer there (a contract
+    limit of OpenAPI, not a server bug; the hostile-delta corpus in S6 covers that input space instead)."""
+    run_st(
+        server,
+        tmp_path,
+        "upload",
+        "--include-name",
+        "POST /tasks",
+        "--exclude-checks",
+        "positive_data_acceptance",
+    )
