@@ -15,6 +15,7 @@ from service.store.base import (
     validate_name,
 )
 from service.store.local import LocalStore
+from service.store.sync import Reconciler
 
 
 def open_store(spec: str) -> TaskStore:
@@ -32,6 +33,7 @@ def open_store(spec: str) -> TaskStore:
 __all__ = [
     "InvalidTaskName",
     "LocalStore",
+    "Reconciler",
     "StoreError",
     "StoreUnavailable",
     "StoredTask",

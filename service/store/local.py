@@ -31,8 +31,6 @@ from typing import Any
 
 from service.store.base import StoredTask, TaskExists, TaskNotFound, validate_name
 
-KEEP_VERSIONS = 2  # the current one and the one before, for requests still in flight on it
-
 
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
@@ -45,6 +43,15 @@ def _atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (the file's fsync does not cover its directory entry)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class LocalStore:
@@ -104,17 +111,27 @@ class LocalStore:
                 info=dict(info),
             )
             directory.mkdir(exist_ok=True)
-            _atomic_write(directory / f"v{version}.safetensors", data)
-            _atomic_write(directory / f"v{version}.json", json.dumps(asdict(stored)).encode())
-            _atomic_write(seq_path, str(version).encode())
-            _atomic_write(directory / "current", str(version).encode())  # the commit point
-            self._prune(directory, version)
+            files = [directory / f"v{version}.safetensors", directory / f"v{version}.json"]
+            try:
+                _atomic_write(files[0], data)
+                _atomic_write(files[1], json.dumps(asdict(stored)).encode())
+                _atomic_write(seq_path, str(version).encode())  # before the commit: numbers never reused
+                _atomic_write(directory / "current", str(version).encode())  # the commit point
+            except BaseException:
+                for path in files:  # never committed: not even read(name, version) may see it
+                    path.unlink(missing_ok=True)
+                raise
+            _fsync_dir(directory)
+            _fsync_dir(seq_path.parent)
+            self._prune(directory, keep={version, current or version})
         return stored
 
-    def _prune(self, directory: Path, version: int) -> None:
+    def _prune(self, directory: Path, keep: set[int]) -> None:
+        """Remove every version but ``keep`` (the new one and the one that was current before it: requests
+        in flight finish on it). Also sweeps files a crashed writer left behind. Called under the lock."""
         for path in directory.glob("v*.*"):
             stem = path.name.split(".", 1)[0][1:]
-            if stem.isdigit() and int(stem) <= version - KEEP_VERSIONS:
+            if stem.isdigit() and int(stem) not in keep:
                 path.unlink(missing_ok=True)
 
     def get(self, name: str) -> StoredTask:
@@ -135,6 +152,7 @@ class LocalStore:
             if self._current(name) is None:
                 raise TaskNotFound(name)
             (directory / "current").unlink()  # invisible first, then gone
+            _fsync_dir(directory)
             shutil.rmtree(directory, ignore_errors=True)
 
     def versions(self) -> dict[str, int]:

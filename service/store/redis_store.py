@@ -45,6 +45,13 @@ def _blob_key(name: str, version: int) -> str:
     return f"ssf:blob:{name}:{version}"
 
 
+def _notify(callback: Callable[[str], None], name: str) -> None:
+    try:
+        callback(name)
+    except Exception:  # the caller's bug must not end the subscription
+        log.exception("change hint callback failed for %r", name)
+
+
 class RedisStore:
     def __init__(self, url: str, timeout_s: float = 1.0) -> None:
         self.url = url
@@ -62,7 +69,10 @@ class RedisStore:
     def _call(self, fn: Callable[[], Any]) -> Any:
         try:
             return fn()
-        except (redis.ConnectionError, redis.TimeoutError) as e:
+        except redis.RedisError as e:
+            # Connection refused/reset, timeouts, LOADING after a restart, OOM, READONLY replica, MISCONF:
+            # all mean "the registry cannot take this now" (503); never leak a raw redis exception upward.
+            # The message names the class only: redis errors may carry host names or key names.
             raise StoreUnavailable(f"task registry (redis) unavailable: {type(e).__name__}") from None
 
     def put(self, name: str, data: bytes, info: dict[str, Any], *, replace: bool = False) -> StoredTask:
@@ -179,12 +189,12 @@ class RedisStore:
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=0.5)
                     if message and message.get("type") == "message":
-                        callback(message["data"].decode())
+                        _notify(callback, message["data"].decode(errors="replace"))
             except redis.RedisError as e:
                 log.info("change hints interrupted (%s); resubscribing", type(e).__name__)
-                callback("")  # "" means: something may have been missed, reconcile everything
-            except Exception:
-                log.exception("change hint callback failed")
+                _notify(callback, "")  # "" means: something may have been missed, reconcile everything
+            except Exception:  # never let the hint thread die: correctness does not need it, latency does
+                log.exception("change hint listener failed; resubscribing")
             finally:
                 pubsub.close()
             self._stop.wait(backoff)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -95,28 +96,70 @@ def test_hostile_names_never_reach_a_path_or_key(store: TaskStore, name: str, tm
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize("fail_at", ["v2.safetensors", "v2.json", "seq/t", "current"])
 def test_local_crash_mid_write_leaves_the_old_version(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: str
 ) -> None:
     store = LocalStore(tmp_path)
     store.put("t", b"good", {})
     real = os.replace
     calls = {"n": 0}
 
-    def crash_on_commit(src: str, dst: str) -> None:
+    def crash_at(src: str, dst: str) -> None:
         calls["n"] += 1
-        if str(dst).endswith("current"):
+        if str(dst).endswith(fail_at):  # the temp file is written and fsynced; the rename never happens
             raise OSError("disk full")
         real(src, dst)
 
-    monkeypatch.setattr(os, "replace", crash_on_commit)
+    monkeypatch.setattr(os, "replace", crash_at)
     with pytest.raises(OSError, match="disk full"):
         store.put("t", b"bad", {}, replace=True)
     monkeypatch.setattr(os, "replace", real)
     assert calls["n"] >= 1
     assert store.get("t").version == 1 and store.read("t", 1) == b"good"
+    assert store.versions() == {"t": 1} and [t.version for t in store.list()] == [1]
+    with pytest.raises(TaskNotFound):
+        store.read("t", 2)  # the uncommitted version is not readable either
     assert not list(tmp_path.rglob(".tmp-*"))
-    assert store.put("t", b"next", {}, replace=True).version >= 2
+    nxt = store.put("t", b"next", {}, replace=True)
+    assert nxt.version >= 2 and store.read("t", nxt.version) == b"next"
+    assert store.read("t", 1) == b"good"  # the previous version stays for in-flight requests
+
+
+def test_local_crash_while_creating_leaves_no_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = LocalStore(tmp_path)
+    real = os.replace
+
+    def crash_on_commit(src: str, dst: str) -> None:
+        if str(dst).endswith("current"):
+            raise OSError("disk full")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_commit)
+    with pytest.raises(OSError):
+        store.put("t", b"bad", {})
+    monkeypatch.setattr(os, "replace", real)
+    with pytest.raises(TaskNotFound):
+        store.get("t")
+    assert store.versions() == {} and store.list() == []
+    assert store.put("t", b"ok", {}).sha256 == hashlib.sha256(b"ok").hexdigest()
+
+
+def test_local_layout_uses_only_generated_names(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    store.put("t.1", b"a", {"labels": ["../../etc/passwd"]})
+    store.put("t.1", b"b", {}, replace=True)
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert files == [
+        ".lock",
+        "seq/t.1",
+        "tasks/t.1/current",
+        "tasks/t.1/v1.json",
+        "tasks/t.1/v1.safetensors",
+        "tasks/t.1/v2.json",
+        "tasks/t.1/v2.safetensors",
+    ]
+    assert store.get("t.1").created_at.endswith("+00:00")  # ISO-8601 UTC
 
 
 def test_two_local_stores_on_one_directory_agree(tmp_path: Path) -> None:
@@ -193,3 +236,65 @@ def test_open_store_picks_by_spec(tmp_path: Path, redis_server: RedisServer) -> 
     assert isinstance(open_store(redis_server.url), RedisStore)
     with pytest.raises(ValueError, match="redis://HOST:PORT/DB"):
         open_store("redis:///0")
+
+
+def test_redis_errors_other_than_connection_are_unavailable_too(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url)
+    store.put("t", b"1", {})
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", "1")  # every write is now refused with OOM (a ResponseError)
+    try:
+        with pytest.raises(StoreUnavailable, match="OutOfMemoryError|ResponseError"):
+            store.put("t", b"2", {}, replace=True)
+    finally:
+        admin.config_set("maxmemory", "0")
+    assert store.get("t").version == 1 and store.read("t", 1) == b"1"  # the failed write left nothing
+    assert store.put("t", b"2", {}, replace=True).version == 2
+    store.close()
+
+
+def test_a_raising_hint_callback_does_not_end_the_subscription(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url)
+    seen: list[str] = []
+
+    def callback(name: str) -> None:
+        seen.append(name)
+        raise RuntimeError("bug in the caller")
+
+    store.watch(callback)
+    admin = redis.Redis.from_url(redis_server.url)
+    deadline = time.monotonic() + 10
+    while not any(n for _, n in admin.pubsub_numsub("ssf:changes")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for i in range(3):
+        store.put(f"t{i}", b"1", {})
+    deadline = time.monotonic() + 10
+    while len(seen) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert seen == ["t0", "t1", "t2"]
+    store.close()
+
+
+def test_redis_key_layout(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url)
+    store.put("t", b"1", {})
+    store.put("t", b"2", {}, replace=True)
+    store.put("t", b"3", {}, replace=True)
+    store.put("u", b"1", {})
+    store.delete("u")
+    admin = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    keys = sorted(admin.keys("*"))
+    assert keys == [
+        "ssf:blob:t:2",  # the previous version, for requests in flight
+        "ssf:blob:t:3",
+        "ssf:index",
+        "ssf:registry:version",
+        "ssf:seq:t",
+        "ssf:seq:u",  # kept after delete: numbers are never reused
+        "ssf:task:t:2",
+        "ssf:task:t:3",
+    ]
+    assert admin.hgetall("ssf:index") == {"t": "3"}
+    assert int(admin.get("ssf:registry:version") or 0) == 5
+    store.close()
