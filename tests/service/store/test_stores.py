@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import threading
 import time
@@ -298,3 +299,17 @@ def test_redis_key_layout(redis_server: RedisServer) -> None:
     assert admin.hgetall("ssf:index") == {"t": "3"}
     assert int(admin.get("ssf:registry:version") or 0) == 5
     store.close()
+
+
+def _replace_many(root: str, tag: str, n: int) -> list[int]:
+    store = LocalStore(root)
+    return [store.put("shared", f"{tag}-{i}".encode(), {}, replace=True).version for i in range(n)]
+
+
+def test_two_processes_on_one_directory_lose_no_update(tmp_path: Path) -> None:
+    LocalStore(tmp_path).put("shared", b"0", {})
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each: no lock state inherited
+    with ctx.Pool(2) as pool:
+        results = pool.starmap(_replace_many, [(str(tmp_path), "a", 10), (str(tmp_path), "b", 10)])
+    assert sorted(results[0] + results[1]) == list(range(2, 22))
+    assert LocalStore(tmp_path).versions() == {"shared": 21}
