@@ -1,4 +1,6 @@
-"""schemathesis hooks for S3: the admin token through an auth hook (SCHEMATHESIS_HOOKS=tests.reliability.st_hooks)."""
+"""schemathesis hooks for S3: the admin token through an auth hook.
+
+Used as SCHEMATHESIS_HOOKS=tests.reliability.st_hooks."""
 
 from __future__ import annotations
 
