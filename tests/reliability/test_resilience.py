@@ -199,7 +199,9 @@ def test_r9_liveness_never_depends_on_redis(tmp_path: Path, weights: Path) -> No
     try:
         assert serve.upload(s.url, kit.delta_bytes(weights, TASK, 1)).status_code == 201
         with httpx.Client(base_url=s.url, timeout=30) as c:
-            assert predict(c).status_code == 200
+            first = predict(c)
+            assert first.status_code == 200
+            v1 = first.json()
             rs.kill()
             statuses, live = [], []
             for _ in range(20):
@@ -222,6 +224,16 @@ def test_r9_liveness_never_depends_on_redis(tmp_path: Path, weights: Path) -> No
             assert set(live) == {200}
             assert set(statuses) == {200}
             assert r.status_code == 503 and "retry-after" in r.headers and admin_s < 2.0
+            # R8: that replace failed after validation and install (at the store write); the old version
+            # still serves with identical scores, and the replica stays live
+            after = [predict(c) for _ in range(10)]
+            assert {x.status_code for x in after} == {200}
+            assert {x.json()["version"] for x in after} == {1}
+            assert all(x.json()["predictions"] == v1["predictions"] for x in after)
+            print(
+                "R8: replace that failed after validation (store write, Redis down): 10/10 predicts 200 "
+                "on version 1 with identical scores"
+            )
             rs.start()
             t_up = time.monotonic()
             while time.monotonic() - t_up < 10:
