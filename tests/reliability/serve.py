@@ -26,6 +26,7 @@ def start(
     store: str | None = None,
     port: int | None = None,
     wait_ready: bool = True,
+    module: str = "service.cli",
     **settings: object,
 ) -> Server:
     port = port or free_port()
@@ -33,7 +34,7 @@ def start(
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSF_")}
     env.update({"SSF_ADMIN_TOKEN": TOKEN, "SSF_DRAIN_DELAY_S": "0", "SSF_MAX_QUEUE_DELAY_MS": "1"})
     env.update({f"SSF_{k.upper()}": str(v) for k, v in settings.items()})
-    cmd = [sys.executable, "-m", "service.cli", "--model", kit.MODEL, "--weights", str(weights)]
+    cmd = [sys.executable, "-m", module, "--model", kit.MODEL, "--weights", str(weights)]
     cmd += ["--store", store or str(tmp / "store"), "--device", "cpu", "--port", str(port)]
     with log.open("wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)

@@ -39,10 +39,13 @@ def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--kills", type=int, default=10)
+    ap.add_argument("--leaky", action="store_true", help="run the deliberately leaking build (must FAIL)")
+    ap.add_argument("--max-rss-growth-mb", type=float, default=50.0)
+    ap.add_argument("--max-fd-drift", type=int, default=8)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ssf-soak-"))
     weights = kit.backbone_file(tmp)
@@ -53,7 +56,8 @@ def main() -> None:
     import redis
 
     redis.Redis.from_url(rs.url).config_set("appendfsync", "always")
-    s = serve.start(tmp, weights, store=rs.url)
+    module = "tests.reliability.long.leaky_serve" if args.leaky else "service.cli"
+    s = serve.start(tmp, weights, store=rs.url, module=module)
     deltas = [kit.delta_bytes(weights, f"t{i}", 10 + i) for i in range(4)]
     assert serve.upload(s.url, kit.delta_bytes(weights, "base", 1)).status_code == 201
     acked: dict[str, tuple[int, str]] = {}
@@ -150,8 +154,28 @@ def main() -> None:
     }
     serve.stop(s)
     rs.kill()
+    failures = verdict(summary, args.max_rss_growth_mb, args.max_fd_drift)
+    summary["build"] = "leaky" if args.leaky else "product"
+    summary["failures"] = failures
     print(json.dumps(summary))
+    return 1 if failures else 0
+
+
+def verdict(summary: dict, max_growth_mb: float, max_fd_drift: int) -> list[str]:
+    """The R3 and R7 goals; each miss is one line (an empty list is a pass)."""
+    failures = []
+    if summary["lost_acknowledged"]:
+        failures.append(f"R3: {len(summary['lost_acknowledged'])} acknowledged uploads lost")
+    if summary["predict_other"]:
+        failures.append(f"predicts not 200: {summary['predict_other']}")
+    growth = summary["rss_growth_second_half_mb"]
+    if growth is None or growth > max_growth_mb:
+        failures.append(f"R7: RSS grew {growth} MB in the second half (limit {max_growth_mb} MB)")
+    fd = summary["fd_min_max_second_half"]
+    if fd is None or fd[1] - fd[0] > max_fd_drift:
+        failures.append(f"R7: open fds ranged {fd} in the second half (limit drift {max_fd_drift})")
+    return failures
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
