@@ -3,7 +3,7 @@ PY ?= python3
 PIP := $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps check test demo bench compare e2e soak clean
+.PHONY: install system-deps check test demo bench compare e2e soak demo-assets clean
 
 # torch/torchvision first: this exact CPU-runnable pair installs offline from the local index here;
 # GPU users may install their own torch build before `pip install -e .[dev]` instead.
@@ -30,6 +30,28 @@ demo:
 
 bench:
 	$(PY) -m bench.run_all
+
+# The paper's Tables 3-4 analogue: seven methods on the offline suite with the demo backbone (~15 min).
+compare:
+	$(PY) -m training.compare
+
+# Reproduce the shipped demo backbone and its example task deltas (assets/demo/).
+demo-assets:
+	$(PY) -m training.pretrain_demo
+	$(PY) -m training.demo_tasks
+
+# The compose topology as local processes (redis-server, 2 replicas, nginx from deploy/); also part of `make test`.
+e2e:
+	$(PY) -m pytest -q -p no:cacheprovider -m e2e tests/deploy $(PYTEST_ARGS)
+
+# Long reliability tier (not in CI, about 80 min): R3+R7 soak with 10 Redis kills, the leaking build that
+# must fail it, R5 replica kills behind nginx, S5 slowloris, atheris on the decoder.
+soak:
+	$(PY) -m tests.reliability.long.soak --minutes 60 --kills 10
+	! $(PY) -m tests.reliability.long.soak --minutes 5 --kills 0 --leaky
+	$(PY) -m tests.reliability.long.replica_kills --kills 10
+	$(PY) -m tests.reliability.long.slowloris --conns 50
+	$(PY) -m tests.reliability.long.fuzz_decode --seconds 300
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

@@ -36,6 +36,7 @@ def build_engine(settings: Settings) -> Any:
 
     limits = EngineLimits(
         max_delta_bytes=settings.max_delta_bytes,
+        max_labels=settings.max_labels,
         images=ImageLimits(
             max_images=settings.max_images_per_request,
             max_image_bytes=settings.max_body_bytes,

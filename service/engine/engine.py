@@ -54,6 +54,7 @@ class EngineLimits:
     max_delta_bytes: int = 64 * 1024 * 1024
     images: ImageLimits = field(default_factory=ImageLimits)
     max_top_k: int = 1000
+    max_labels: int = 100_000
 
 
 class Engine:
@@ -216,7 +217,7 @@ class Engine:
             raise DeltaTooLarge(f"delta is {len(data)} bytes; the limit is {self.limits.max_delta_bytes}")
         delta = await self._on_cpu(self._validate, data)
         task = name if name else delta.task
-        if not TASK_NAME_RE.match(task):
+        if not TASK_NAME_RE.fullmatch(task):
             raise InvalidParameter(f"task name {task[:80]!r} must match {TASK_NAME_RE.pattern}")
         info = {
             "num_classes": delta.num_classes,
@@ -292,11 +293,17 @@ class Engine:
     # ------------------------------------------------------------------------------- residency
     def _validate(self, data: bytes) -> ssf.Delta:
         try:
-            return ssf.load_delta(data, self.spec, max_bytes=self.limits.max_delta_bytes)
+            delta = ssf.load_delta(data, self.spec, max_bytes=self.limits.max_delta_bytes)
         except ssf.DeltaError as e:
             if e.code == "delta_too_large":
                 raise DeltaTooLarge(e.message) from e
             raise InvalidDelta(e.message, code=e.code) from e
+        if delta.num_classes > self.limits.max_labels:
+            raise InvalidDelta(
+                f"{delta.num_classes} labels; this server allows at most {self.limits.max_labels}",
+                code="too_many_labels",
+            )
+        return delta
 
     async def _install(self, stored: StoredTask, delta: ssf.Delta) -> TaskEntry:
         entry = TaskEntry(stored=stored, delta=delta)
@@ -354,7 +361,7 @@ class Engine:
         entry = self._resident.get(name)
         if entry is not None:
             return entry
-        if not TASK_NAME_RE.match(name):
+        if not TASK_NAME_RE.fullmatch(name):
             raise TaskNotFound(name)  # no store round trip for a name no task can have
         lock, holders = self._name_locks.get(name, (asyncio.Lock(), 0))
         self._name_locks[name] = (lock, holders + 1)

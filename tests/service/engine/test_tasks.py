@@ -157,6 +157,8 @@ def test_add_task_refusals(weights_dir: Path) -> None:
             await engine.add_task(b"x" * 20_000_000, None, replace=False)
         with pytest.raises(InvalidParameter):
             await engine.add_task(data, "Not A Valid Name", replace=False)
+        with pytest.raises(InvalidParameter):  # fullmatch: a trailing newline passes a "$" regex
+            await engine.add_task(data, "renamed\n", replace=False)
         stored = await engine.add_task(data, None, replace=False)  # name from the file
         assert stored.name == "named-in-file" and stored.info["num_classes"] == 5
         assert stored.info["backbone_fingerprint"] == engine.spec.fingerprint
@@ -295,3 +297,19 @@ def test_a_scheme_with_unfoldable_sites_is_refused_at_start(weights_dir: Path) -
     with pytest.raises(ssf.SiteError, match="foldable"):
         asyncio.run(engine.start())
     asyncio.run(engine.stop())
+
+
+def test_label_limit_is_the_servers(weights_dir: Path) -> None:
+    """SSF_MAX_LABELS: a delta within the file format's own cap but above the server's is refused with a
+    named code, and nothing is stored."""
+    store = MemoryStore()
+    data = delta_bytes(FAMILY, make_task(FAMILY, seed=41, num_classes=5), "many")
+
+    async def scenario(engine: Engine) -> None:
+        with pytest.raises(InvalidDelta) as e:
+            await engine.add_task(data, None, replace=False)
+        assert e.value.code == "too_many_labels" and "at most 4" in str(e.value)
+        assert engine.list_tasks() == []
+
+    run(vit_engine(weights_dir, store, limits=EngineLimits(max_labels=4)), scenario)
+    assert store.list() == []
