@@ -514,7 +514,7 @@ def report(res: dict[str, Any]) -> str:
                 "model thread needs, or a binary/gRPC tensor endpoint that skips multipart parsing; "
                 "on a GPU the forward leaves the CPU to HTTP.",
             ]
-    lines += ["", "![p99 vs offered rate, RSS vs tasks](results/50-e2e.png)"]
+    lines += ["", "![p99 vs offered rate, RSS vs tasks](bench/results/50-e2e.png)"]
     return "\n".join(lines)
 
 

@@ -2,7 +2,8 @@
 
 Every ratio is measured side by side in one run: the variants of one batch size are timed in interleaved
 repetitions (in a fresh random order each round) and each gets the median of N. Mixed batches hold
-all-distinct tasks (the worst case for the mixed path). Writes ``bench/results/engine.md`` and ``engine.png``.
+all-distinct tasks (the worst case for the mixed path). Writes ``bench/results/10-engine.md`` and
+``10-engine.png``.
 """
 
 from __future__ import annotations
@@ -107,6 +108,58 @@ def bench_model(model_name: str, reps: int, batches: tuple[int, ...], onnx: bool
     return rows
 
 
+def profile_batch1(model_name: str, reps: int = 50) -> dict[str, Any]:
+    """What the mixed path adds at batch 1 (all-distinct tasks): the ops it launches per forward beyond the
+    bare path's (exact counts from torch.profiler) and its extra wall time (timed without the profiler,
+    whose per-op overhead would inflate exactly these small ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    backend, entries, size = setup(model_name, 1)
+    x = torch.randn(1, *size)
+    groups = [(entries[0], 1)]
+    variants = {"bare": lambda: backend.run_bare(x), "mixed": lambda: backend.run_mixed(x, groups)}
+    counts: dict[str, dict[str, int]] = {}
+    for name, fn in variants.items():
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        for ev in prof.key_averages():
+            counts.setdefault(ev.key, {"bare": 0, "mixed": 0})[name] = ev.count
+    t = interleaved(variants, reps)
+    added = {op: c["mixed"] - c["bare"] for op, c in counts.items() if c["mixed"] > c["bare"]}
+    return {
+        "model": model_name,
+        "sites": len(entries[0].delta.sites),
+        "extra_ms": 1e3 * (t["mixed_min"] - t["bare_min"]),
+        "bare_ms": 1e3 * t["bare_min"],
+        "ops_added": sum(added.values()),
+        "ops_bare": sum(c["bare"] for c in counts.values()),
+        "top": sorted(added.items(), key=lambda kv: kv[1], reverse=True)[:6],
+    }
+
+
+def goals(rows: list[dict[str, Any]], merges: list[dict[str, Any]]) -> list[str]:
+    """The issue's CPU goals next to this run's results (median ratios)."""
+    merged = [r["merged"] / r["bare"] for r in rows]
+    lines = ["| goal | target | result | met |", "|---|---|---|---|"]
+    lines.append(
+        f"| merged / bare, every model and batch | <= 1.01 | worst {max(merged):.3f}, "
+        f"{sum(m <= 1.01 for m in merged)}/{len(merged)} cells | {'yes' if max(merged) <= 1.01 else 'no'} |"
+    )
+    for model in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == model]
+        mixed = {r["batch"]: r["mixed"] / r["bare"] for r in rs}
+        met = [b for b, v in mixed.items() if v <= 1.10]
+        shown = ", ".join(f"b{b} {v:.2f}" for b, v in mixed.items())
+        verdict = "yes" if len(met) == len(mixed) else f"from batch {min(met)}" if met else "no"
+        lines.append(f"| mixed / bare (all distinct), {model} | <= 1.10 | {shown} | {verdict} |")
+    vitb = [m for m in merges if m["model"] == "vit_base_patch16_224"]
+    if vitb:
+        ms = vitb[0]["merge_ms"]
+        lines.append(f"| merge time, ViT-B/16 | <= 50 ms | {ms:.1f} ms | {'yes' if ms <= 50 else 'no'} |")
+    return lines
+
+
 def merge_seconds(model_name: str, reps: int) -> dict[str, Any]:
     model = ssf.create_backbone(model_name, pretrained=False, num_classes=10).eval()
     spec = ssf.BackboneSpec.from_model(model, model_name)
@@ -165,7 +218,7 @@ def main(quick: bool = False) -> None:
     merges = [merge_seconds(n, reps) for n in ("test_vit", "ssf_demo_vit")]
     merges.append(merge_seconds("vit_base_patch16_224", 3))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(rows, RESULTS / "engine.png")
+    plot(rows, RESULTS / "10-engine.png")
     lines = [
         "## Engine paths against the bare backbone (B1, B3 on CPU)",
         "",
@@ -197,8 +250,27 @@ def main(quick: bool = False) -> None:
     lines += [
         f"| {m['model']} | {m['merge_ms']:.1f} | {m['copy_mb']:.1f} | {m['base_mb']:.1f} |" for m in merges
     ]
-    lines += ["", "![engine paths](results/engine.png)"]
-    print(write_section("engine", "\n".join(lines)))
+    lines += ["", *goals(rows, merges), ""]
+    prof = profile_batch1("test_vit")
+    per_op_us = 1e3 * prof["extra_ms"] / max(1, prof["ops_added"])
+    lines += [
+        "Where the mixed path misses 1.10 it is at small batches on the smallest models. Profile "
+        f"(torch.profiler op counts, {prof['model']}, batch 1, one task, {prof['sites']} SSF sites): "
+        f"the bare forward runs {prof['ops_bare']} ops in {prof['bare_ms']:.2f} ms; the mixed forward adds "
+        f"{prof['ops_added']} ops and {prof['extra_ms']:.2f} ms (fastest of 50 interleaved runs each), "
+        f"about {per_op_us:.1f} us per added op, i.e. per-op dispatch, not arithmetic. Ops added per "
+        "forward: " + ", ".join(f"`{op}` x{n}" for op, n in prof["top"]) + ".",
+        "",
+        "That cost is a fixed number of small ops per SSF site (gather the batch's scale and shift rows, one "
+        "multiply-add), independent of the batch and of the model's width, so it shrinks as the batch or the "
+        "model grows (ViT-B at batch 1 is within a few percent). What would fix it at batch 1: the scheduler "
+        "already sends a batch of one task to the merged path (exactly the bare cost); for the mixed path, "
+        "fusing the per-site gather+affine into the preceding op (a custom kernel, or torch.compile of the "
+        "mixed forward) would remove the extra launches.",
+        "",
+        "![engine paths](bench/results/10-engine.png)",
+    ]
+    print(write_section("10-engine", "\n".join(lines)))
 
 
 if __name__ == "__main__":

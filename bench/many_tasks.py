@@ -492,7 +492,7 @@ def report(res: dict[str, Any]) -> str:
         f"Upload (`add_task`: validate, install rows, store) of {len(adds)} deltas: median "
         f"{1e3 * adds[len(adds) // 2]:.1f} ms, p99 {1e3 * percentile(adds, 99):.1f} ms.",
         "",
-        "![throughput at the p99 target vs tasks](results/40-many-tasks.png)",
+        "![throughput at the p99 target vs tasks](bench/results/40-many-tasks.png)",
     ]
     return "\n".join(lines[:12] + explain(rows, key, ratio_single, ratio_naive, n_max) + lines[12:])
 

@@ -1,11 +1,13 @@
 """The paper's Figure 3 on our code: training and inference cost of each method, relative to the backbone.
 
 For each method on the same backbone and batch: the time of one training step (forward, backward, AdamW
-step) and the peak memory it allocates (CUDA: ``max_memory_allocated``; CPU: the peak RSS growth is
-too noisy, so the extra *parameter + gradient + optimizer-state* bytes are reported instead), and the
-time of one inference forward. SSF appears twice: unfolded (sites as hooks) and folded (``merge_model``:
-a plain timm model, so it costs exactly what the bare backbone costs). Every number is a ratio to the
-bare backbone measured in the same run, interleaved, median of repetitions.
+step) and its peak memory, and the time and peak memory of one inference forward. Peak memory is measured in
+a fresh process per method and mode: the high-water mark of the process's RSS (``VmHWM``, reset before the
+steps) during the steps, minus its RSS after the model was built, i.e. the activations, gradients and
+optimizer state that the step adds. The trainable state (parameters + gradients + AdamW moments) is also
+reported as computed. SSF appears twice: unfolded (sites as hooks) and folded (``merge_model``: a plain timm
+model, so it costs exactly what the bare backbone costs). Every number is a ratio to the bare backbone
+measured in the same run, interleaved, median of repetitions.
 """
 
 from __future__ import annotations
@@ -80,6 +82,36 @@ def state_bytes(model: nn.Module) -> int:
     return sum(4 * p.numel() * 4 for p in model.parameters() if p.requires_grad)
 
 
+def peak_mb(row: str, mode: str, batch: int) -> float:
+    """Peak memory a train step or an inference forward adds, in a fresh process (see the docstring)."""
+    import json
+    import subprocess
+    import sys
+
+    code = f"from bench.method_cost import _peak_child; _peak_child({row!r}, {mode!r}, {batch})"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"])
+
+
+def _peak_child(row: str, mode: str, batch: int) -> None:
+    import json
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    x, y = torch.randn(batch, 3, 64, 64), torch.randint(0, 10, (batch,))
+    model = build(row, 10)
+    fn = train_step(model, x, y) if mode == "train" else infer(model, x)
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark: building is not the step
+    before = _status_kib("VmRSS")
+    for _ in range(3):
+        fn()
+    print(json.dumps({"peak_mb": max(0, _status_kib("VmHWM") - before) / 1024}))
+
+
+def _status_kib(field: str) -> int:
+    status = Path("/proc/self/status").read_text().splitlines()
+    return int(next(ln for ln in status if ln.startswith(field + ":")).split()[1])
+
+
 def measure(quick: bool) -> dict[str, dict[str, float]]:
     batch, reps = (8, 3) if quick else (32, 7)
     x, y = torch.randn(batch, 3, 64, 64), torch.randint(0, 10, (batch,))
@@ -99,6 +131,8 @@ def measure(quick: bool) -> dict[str, dict[str, float]]:
             "train_ratio": train,
             "infer_ratio": min(results[row]["infer"]) / base_infer,
             "trainable_mb": state_bytes(models[row]) / 2**20,
+            "train_peak_mb": peak_mb(row, "train", batch) if row != "ssf-folded" else float("nan"),
+            "infer_peak_mb": peak_mb(row, "infer", batch),
         }
     return out
 
@@ -127,11 +161,20 @@ def main(quick: bool = False) -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     out = measure(quick)
     plot(out, RESULTS / "30-method-cost.png")
-    lines = ["| Method | Train step (x backbone) | Inference (x backbone) | Trainable state (MB) |"]
-    lines.append("|---|---|---|---|")
+    lines = [
+        "| Method | Train step (x backbone) | Train peak memory MB (x backbone) | Inference (x backbone) "
+        "| Inference peak memory MB (x backbone) | Trainable state (MB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    base = out["backbone"]
     for row, r in out.items():
-        train = "n/a (inference only)" if r["train_ratio"] != r["train_ratio"] else f"{r['train_ratio']:.2f}"
-        lines.append(f"| {row} | {train} | {r['infer_ratio']:.2f} | {r['trainable_mb']:.2f} |")
+        no_train = r["train_ratio"] != r["train_ratio"]
+        train = "n/a (inference only)" if no_train else f"{r['train_ratio']:.2f}"
+        tm, im = r["train_peak_mb"], r["infer_peak_mb"]
+        train_mem = "n/a" if no_train else f"{tm:.0f} ({tm / base['train_peak_mb']:.2f})"
+        infer_mem = f"{im:.0f} ({im / base['infer_peak_mb']:.2f})"
+        cells = [row, train, train_mem, f"{r['infer_ratio']:.2f}", infer_mem, f"{r['trainable_mb']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     write_section(
         "30-method-cost",
         f"""## Method cost (paper Figure 3 analogue)
@@ -140,14 +183,16 @@ def main(quick: bool = False) -> None:
 
 `python -m bench.method_cost` ({"quick" if quick else "full"}): {MODEL}, batch {8 if quick else 32} at
 64 px, median of repetitions, two interleaved rounds, best round. Train step = forward + backward +
-AdamW step; the backbone row trains its head only. Trainable state = parameters + gradients + AdamW
+AdamW step; the backbone row trains its head only. Peak memory: RSS high-water mark during 3 steps
+in a fresh process minus its RSS after building the model (one process per method and mode).
+Trainable state = parameters + gradients + AdamW
 moments of the trainable tensors (fp32). VPT-shallow {methods.VPT_SHALLOW_PROMPTS} prompts, VPT-deep
 {methods.VPT_DEEP_PROMPTS} per block, adapter bottleneck {methods.ADAPTER_DIM}. SSF folded is the
 merged plain timm model: inference costs what the backbone costs, unlike adapters and prompts.
 
 {chr(10).join(lines)}
 
-![method cost](30-method-cost.png)
+![method cost](bench/results/30-method-cost.png)
 """,
     )
 
