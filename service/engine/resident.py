@@ -1,7 +1,7 @@
 """Resident tasks: every task's scale/shift stacked into per-site tables on the device, plus its head.
 
-The mixed path runs one forward over a batch that holds many tasks: at each site a ``GatherAffine`` picks
-each sample's row of the site's ``[T, C]`` tables (an elementwise op, about 0.1% of the FLOPs). Row 0 is the
+The mixed path runs one forward over a batch that holds many tasks: at each site a ``GatherAffine`` applies
+each sample's row of the site's scale and shift (an elementwise op, about 0.1% of the FLOPs). Row 0 is the
 identity (scale 1, shift 0): head-only (linear-probe) tasks and warm-up use it. Rows are only written or
 freed on the thread that owns the model.
 """
@@ -50,31 +50,43 @@ class TaskEntry:
 
 
 class SiteTables:
-    """Per-site ``[T, C]`` scale and shift tables, grown by doubling, with a free list of rows."""
+    """Every site's scale and shift rows side by side in two ``[T, sum(C)]`` tables (one row per task),
+    grown by doubling, with a free list of rows.
+
+    One ``index_select`` per table per forward gathers the batch's rows for all sites at once
+    (``gather``); each site then reads its column block, a view. Per-site tables would cost two gathers
+    per site, and at batch 1 those small ops, not arithmetic, are the mixed path's overhead.
+    """
 
     def __init__(self, sites: list[ssf.Site], device: torch.device, dtype: torch.dtype, capacity: int = 8):
         self.sites = sites
         self.device, self.dtype = device, dtype
         self.capacity = max(2, capacity)
-        self.scale = {
-            s.path: torch.ones(self.capacity, s.channels, device=device, dtype=dtype) for s in sites
-        }
-        self.shift = {
-            s.path: torch.zeros(self.capacity, s.channels, device=device, dtype=dtype) for s in sites
-        }
+        self.sizes = [s.channels for s in sites]
+        self.index = {s.path: i for i, s in enumerate(sites)}
+        width = sum(self.sizes)
+        self.scale_all = torch.ones(self.capacity, width, device=device, dtype=dtype)
+        self.shift_all = torch.zeros(self.capacity, width, device=device, dtype=dtype)
+        self._views()
         self.free = list(range(self.capacity - 1, 0, -1))  # row 0 stays the identity
-        self.rows: torch.Tensor = torch.zeros(1, dtype=torch.long, device=device)  # current batch's rows
+        self.batch_scale: tuple[torch.Tensor, ...] = ()  # the current batch's [B, C] rows per site
+        self.batch_shift: tuple[torch.Tensor, ...] = ()
+
+    def _views(self) -> None:
+        """Per-site ``[T, C]`` views of the tables (for writing a task's rows)."""
+        paths = [s.path for s in self.sites]
+        self.scale = dict(zip(paths, self.scale_all.split(self.sizes, dim=1), strict=True))
+        self.shift = dict(zip(paths, self.shift_all.split(self.sizes, dim=1), strict=True))
 
     def _grow(self) -> None:
         old = self.capacity
         self.capacity *= 2
-        for s in self.sites:
-            grown = torch.ones(self.capacity, s.channels, device=self.device, dtype=self.dtype)
-            grown[:old] = self.scale[s.path]
-            self.scale[s.path] = grown
-            grown = torch.zeros(self.capacity, s.channels, device=self.device, dtype=self.dtype)
-            grown[:old] = self.shift[s.path]
-            self.shift[s.path] = grown
+        scale = torch.ones(self.capacity, self.scale_all.shape[1], device=self.device, dtype=self.dtype)
+        shift = torch.zeros_like(scale)
+        scale[:old] = self.scale_all
+        shift[:old] = self.shift_all
+        self.scale_all, self.shift_all = scale, shift
+        self._views()
         self.free.extend(range(self.capacity - 1, old - 1, -1))
 
     def add(self, sites: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
@@ -91,17 +103,21 @@ class SiteTables:
     def release(self, row: int) -> None:
         if row == 0:
             return
-        for s in self.sites:
-            self.scale[s.path][row].fill_(1)
-            self.shift[s.path][row].fill_(0)
+        self.scale_all[row].fill_(1)
+        self.shift_all[row].fill_(0)
         self.free.append(row)
+
+    def gather(self, rows: torch.Tensor) -> None:
+        """Select the batch's rows (one per sample, in batch order) for every site."""
+        self.batch_scale = self.scale_all.index_select(0, rows).split(self.sizes, dim=1)
+        self.batch_shift = self.shift_all.index_select(0, rows).split(self.sizes, dim=1)
 
     @property
     def rows_used(self) -> int:
         return self.capacity - 1 - len(self.free)
 
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in (*self.scale.values(), *self.shift.values()))
+        return self.scale_all.nbytes + self.shift_all.nbytes
 
 
 class GatherAffine(ssf.SiteAffine):
@@ -113,7 +129,7 @@ class GatherAffine(ssf.SiteAffine):
 
     def __init__(self, site: ssf.Site, tables: SiteTables) -> None:
         super().__init__(site)
-        self.path = site.path
+        self.position = tables.index[site.path]
         object.__setattr__(self, "tables", tables)  # a plain reference, not a submodule
 
     def hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
@@ -123,14 +139,14 @@ class GatherAffine(ssf.SiteAffine):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tables: SiteTables = self.tables  # type: ignore[assignment]
-        rows = tables.rows
-        if x.shape[0] != rows.shape[0]:
-            rows = rows.repeat_interleave(x.shape[0] // rows.shape[0])
+        scale, shift = tables.batch_scale[self.position], tables.batch_shift[self.position]
+        if x.shape[0] != scale.shape[0]:
+            k = x.shape[0] // scale.shape[0]
+            scale, shift = scale.repeat_interleave(k, dim=0), shift.repeat_interleave(k, dim=0)
         shape = [1] * x.dim()
         shape[0] = x.shape[0]
         shape[self.channel_dim] = self.channels
-        scale = tables.scale[self.path].index_select(0, rows).view(shape)
-        shift = tables.shift[self.path].index_select(0, rows).view(shape)
+        scale, shift = scale.view(shape), shift.view(shape)
         if x._base is None and not x.requires_grad:
             # The op's fresh output is ours to overwrite: writing in place saves allocating (and, on CPU,
             # page-faulting) one activation-sized tensor per site, most of the mixed path's overhead.
@@ -163,7 +179,7 @@ class MixedModel:
     def __call__(self, x: torch.Tensor, groups: list[tuple[TaskEntry, int]]) -> list[torch.Tensor]:
         """``groups``: (entry, count) runs in batch order; returns each group's logits."""
         rows = [entry.row for entry, n in groups for _ in range(n)]
-        self.tables.rows = torch.tensor(rows, dtype=torch.long, device=x.device)
+        self.tables.gather(torch.tensor(rows, dtype=torch.long, device=x.device))
         feats = self.model.forward_features(x)  # type: ignore[operator]
         out, start = [], 0
         if self.linear_head is not None:
