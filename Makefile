@@ -47,6 +47,7 @@ e2e:
 # Long reliability tier (not in CI, about 80 min): R3+R7 soak with 10 Redis kills, the leaking build that
 # must fail it, R5 replica kills behind nginx, S5 slowloris, atheris on the decoder.
 soak:
+	$(PIP) install -q -e ".[soak]"
 	$(PY) -m tests.reliability.long.soak --minutes 60 --kills 10
 	! $(PY) -m tests.reliability.long.soak --minutes 5 --kills 0 --leaky
 	$(PY) -m tests.reliability.long.replica_kills --kills 10
