@@ -9,7 +9,13 @@ import time
 from bench.report import assemble
 
 # Each module exposes main(quick: bool) and writes its own section under bench/results/.
-BENCHMARKS = ["bench.engine_bench", "bench.method_cost", "bench.many_tasks", "bench.e2e_bench"]
+BENCHMARKS = [
+    "bench.engine_bench",
+    "bench.method_cost",
+    "bench.many_tasks",
+    "bench.e2e_bench",
+    "bench.gpu_bench",  # skipped without CUDA
+]
 
 
 def main() -> int:
