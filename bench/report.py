@@ -16,6 +16,29 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 
+def calibration() -> str:
+    """This machine's speed right now, so runs on shared or different hosts can be compared: fp32 matmul
+    GFLOP/s (1024^2, torch's threads) and memory copy GB/s (256 MB), best of a few tries each."""
+    import time
+
+    import torch
+
+    a = torch.randn(1024, 1024)
+    src, dst = torch.empty(64 * 2**20), torch.empty(64 * 2**20)
+    src.fill_(1.0)
+    dst.copy_(src)
+    best_mm = best_copy = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ a
+        best_mm = min(best_mm, time.perf_counter() - start)
+        start = time.perf_counter()
+        dst.copy_(src)
+        best_copy = min(best_copy, time.perf_counter() - start)
+    gflops, gbs = 2 * 1024**3 / best_mm / 1e9, 2 * src.nbytes / best_copy / 1e9
+    return f"calibration: matmul {gflops:.0f} GFLOP/s, copy {gbs:.1f} GB/s"
+
+
 def machine_line() -> str:
     """One line naming the machine, versions and date, for every table a script writes."""
     import os
@@ -36,7 +59,7 @@ def machine_line() -> str:
     return (
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {device}, {os.cpu_count()} cores, "
         f"Python {sys.version.split()[0]}, torch {torch.__version__}, timm {timm_v}, "
-        f"torch threads {torch.get_num_threads()}."
+        f"torch threads {torch.get_num_threads()}; {calibration()}."
     )
 
 
