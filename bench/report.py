@@ -17,6 +17,11 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def calibration() -> str:
+    gflops, gbs = calibrate()
+    return f"calibration: matmul {gflops:.0f} GFLOP/s, copy {gbs:.1f} GB/s"
+
+
+def calibrate() -> tuple[float, float]:
     """This machine's speed right now, so runs on shared or different hosts can be compared: fp32 matmul
     GFLOP/s (1024^2, torch's threads) and memory copy GB/s (256 MB), best of a few tries each."""
     import time
@@ -35,8 +40,7 @@ def calibration() -> str:
         start = time.perf_counter()
         dst.copy_(src)
         best_copy = min(best_copy, time.perf_counter() - start)
-    gflops, gbs = 2 * 1024**3 / best_mm / 1e9, 2 * src.nbytes / best_copy / 1e9
-    return f"calibration: matmul {gflops:.0f} GFLOP/s, copy {gbs:.1f} GB/s"
+    return 2 * 1024**3 / best_mm / 1e9, 2 * src.nbytes / best_copy / 1e9
 
 
 def machine_line() -> str:
