@@ -98,11 +98,19 @@ def wait_ready(proc: subprocess.Popen[bytes], client: Client, timeout_s: float =
     raise SystemExit(f"demo: ssf-serve was not ready after {timeout_s:.0f} s")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--store", help="store directory (default: a fresh temporary one)")
     args = parser.parse_args(argv)
+    # Ctrl-C and `docker stop` both end the demo cleanly, also when the parent started us with SIGINT
+    # ignored (a non-interactive shell's background job: Python then installs no KeyboardInterrupt).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
 
     work = Path(tempfile.mkdtemp(prefix="ssf-demo-"))
     found = shipped_assets()
