@@ -125,6 +125,32 @@ def measure_dtype(
     return rows, merge_ms
 
 
+def plot(res: dict[str, Any], path: Any) -> None:
+    """Images/s of the bare backbone and the mixed/merged ratios against batch size, one line per dtype."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for dtype in dict.fromkeys(r["dtype"] for r in res["rows"]):
+        rs = [r for r in res["rows"] if r["dtype"] == dtype]
+        bs = [r["batch"] for r in rs]
+        left.plot(bs, [r["img_s"] for r in rs], "o-", label=dtype)
+        right.plot(bs, [r["mixed"] for r in rs], "s-", label=f"mixed / bare, {dtype}")
+        right.plot(bs, [r["merged"] for r in rs], "o--", label=f"merged / bare, {dtype}")
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.legend(fontsize=8)
+    left.set(ylabel="images/s (bare backbone)", title=res["model"])
+    right.axhline(1.0, color="gray", lw=0.8)
+    right.set(ylabel="time ratio (lower is faster)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def report(res: dict[str, Any]) -> str:
     lines = [
         "## GPU set: ViT-B/16 at 224, fp16/bf16 (B1, B3 on GPU)",
@@ -146,6 +172,7 @@ def report(res: dict[str, Any]) -> str:
         )
     lines += ["", "| dtype | merge ms (goal for ViT-B/16 on an H100: <= 0.2 ms) |", "|---|---|"]
     lines += [f"| {d} | {ms:.3f} |" for d, ms in res["merges"].items()]
+    lines += ["", f"![GPU set](bench/results/{SECTION}.png)"]
     return "\n".join(lines)
 
 
@@ -171,6 +198,7 @@ def main(quick: bool = False, argv: list[str] | None = None) -> None:
     res = measure(args.model, device, args.dtypes, args.batches, args.reps)
     text = report(res)
     if device.type == "cuda":
+        plot(res, RESULTS / f"{SECTION}.png")
         write_section(SECTION, text)
     print(text)
 
