@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from service.engine.protocol import (
     BadImage,
@@ -123,6 +124,13 @@ async def domain_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(status, code, message, headers)
 
 
+async def client_disconnected(request: Request, exc: Exception) -> JSONResponse:
+    """The client went away while we read its body: nobody is left to answer, and it is not our error
+    (was a 500 with a traceback). 499 is nginx's code for it; the access log shows it."""
+    log.info("client disconnected during the request body", extra={"path": request.url.path})
+    return error_response(499, "client_disconnected", "the client closed the connection")
+
+
 async def api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
     return error_response(exc.status, exc.code, exc.message, exc.headers)
@@ -178,6 +186,7 @@ async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(ClientDisconnect, client_disconnected)
     app.add_exception_handler(EngineError, domain_error)
     app.add_exception_handler(StoreError, domain_error)
     app.add_exception_handler(RequestValidationError, validation_error)

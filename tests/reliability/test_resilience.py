@@ -48,9 +48,13 @@ async def blast(
     async def worker(c: httpx.AsyncClient) -> None:
         while time.monotonic() < stop_at and len(out) < max_requests:
             t0 = time.perf_counter()
-            r = await c.post(
-                f"/tasks/{TASK}/predict?top_k=4", content=IMG, headers={"Content-Type": "image/png"}
-            )
+            try:
+                r = await c.post(
+                    f"/tasks/{TASK}/predict?top_k=4", content=IMG, headers={"Content-Type": "image/png"}
+                )
+            except httpx.TransportError as e:  # recorded (status 0), so one does not end every worker
+                out.append((0, time.perf_counter() - t0, {"error": repr(e)}))
+                continue
             out.append((r.status_code, time.perf_counter() - t0, dict(r.headers)))
 
     limits = httpx.Limits(max_connections=concurrency)
