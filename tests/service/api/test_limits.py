@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterator
 
+import pytest
 from fastapi.testclient import TestClient
 from starlette.types import Message
 
@@ -92,6 +94,25 @@ def test_bad_content_length_is_400(with_task: TestClient) -> None:
     assert r.status_code == 400
 
 
+def predict_scope(*headers: tuple[bytes, bytes]) -> dict:
+    """``POST /tasks/cats/predict`` with an image body as an ASGI scope, to drive the app without a server."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/tasks/cats/predict",
+        "raw_path": b"/tasks/cats/predict",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"image/png"), (b"host", b"test"), *headers],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "state": {},
+    }
+
+
 def test_slow_body_times_out_with_408() -> None:
     """A client that stops sending its body mid-way (slowloris on the body) is answered 408."""
     app = create_app(make_settings(request_timeout_s=0.3), engine=FakeEngine())
@@ -109,26 +130,34 @@ def test_slow_body_times_out_with_408() -> None:
     async def send(message: Message) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/tasks/cats/predict",
-        "raw_path": b"/tasks/cats/predict",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"content-type", b"image/png"), (b"host", b"test")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-        "state": {},
-    }
+    scope = predict_scope()
     start = time.perf_counter()
     asyncio.run(asyncio.wait_for(app(scope, receive, send), 5))
     assert time.perf_counter() - start < 2
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 408
     assert b"request_timeout" in sent[1]["body"]
+
+
+def test_disconnect_mid_body_is_499_not_500(caplog: pytest.LogCaptureFixture) -> None:
+    """A client gone while its body is read is not a server error: 499 and an info log, not a 500 with a
+    traceback (seen under R1 overload when the load generator's pool closed 35 connections mid-body)."""
+    app = create_app(make_settings(), engine=FakeEngine())
+    sent: list[Message] = []
+    messages: list[Message] = [
+        {"type": "http.request", "body": b"\x89PNG\r\n", "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> Message:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(app(predict_scope((b"content-length", b"1000")), receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_upload_form_field_name_over_part_limit(client: TestClient) -> None:
