@@ -1,4 +1,4 @@
-"""``ssf-serve``: serve every task of one backbone over HTTP (flags in CONTRACT.md).
+"""``ssf-serve``: serve every task of one backbone over HTTP (flags and settings: docs/cli.md).
 
 Settings come from ``SSF_*`` environment variables, overridden by the flags given. Bad input of any kind
 ends in one line on stderr and a non-zero exit, never a traceback. SIGTERM drains: readiness turns 503

@@ -5,7 +5,7 @@
         c.upload("runs/cats/delta.safetensors")
         print(c.predict("cats", ["cat.jpg"], top_k=3))
 
-Every non-2xx answer raises ``SSFError`` with the status, the contract's error code and message, and
+Every non-2xx answer raises ``SSFError`` with the status, the error code (docs/api.md) and message, and
 ``retry_after_s`` when the server sent ``Retry-After``.
 """
 

@@ -1,4 +1,4 @@
-"""Response bodies of the HTTP API (CONTRACT.md), kept apart from the logic that fills them."""
+"""Response bodies of the HTTP API (docs/api.md), kept apart from the logic that fills them."""
 
 from __future__ import annotations
 

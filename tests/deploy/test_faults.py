@@ -1,4 +1,4 @@
-"""Faults on the process topology (R3, R5, R6 of shared/reference/reliability-tests.md, CI tier):
+"""Faults on the process topology (R3, R5, R6 of RELIABILITY.md, CI tier):
 kill -9 of Redis mid-load, kill -9 of one replica, SIGTERM of a replica under load. Each test leaves the
 topology whole again (restarts what it killed) for the next one."""
 

@@ -264,8 +264,8 @@ def test_r9_start_with_redis_down(tmp_path: Path, weights: Path) -> None:
         with httpx.Client(base_url=s.url, timeout=10) as c:
             assert c.get("/healthz").status_code == 200
             time.sleep(1.0)
-            # CONTRACT.md: /readyz is 200 once the backbone is loaded and warmed; Redis is not part of it
-            # (the reference table's "ready 503 while Redis is down" is not what the contract says)
+            # docs/api.md: /readyz is 200 once the backbone is loaded and warmed; Redis is not part of it
+            # (loaded tasks keep serving while it is down)
             ready_before = c.get("/readyz").status_code
             assert ready_before == 200
             up = serve.upload(s.url, kit.delta_bytes(weights, TASK, 1))

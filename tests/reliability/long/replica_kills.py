@@ -8,7 +8,7 @@ calibration, while replicas are killed with ``kill -9`` ``--kills`` times, alter
 and kills are ``--period-s`` apart at least.
 
 Counted as failed: every non-200 answer and every connection error or timeout seen by the client.
-Goals (shared/reference/reliability-tests.md R5): failed <= 0.5% of all requests; a restarted replica ready
+Goals (RELIABILITY.md R5): failed <= 0.5% of all requests; a restarted replica ready
 in <= 30 s; no request sent to a replica that is down or not ready fails (nginx's access log from kill to
 ready: attempts on the victim, which it refused or answered 503 "not_ready", and what the client got).
 An arrival that finds 48 requests outstanding is not sent but counted (``skipped_client_overload``; the load
