@@ -23,7 +23,7 @@ def train(weights: Path, data: str, out: Path, *extra: str) -> dict:
 
 
 @pytest.mark.parametrize("method", methods.METHODS)
-def test_every_method_trains_and_writes_the_contract_files(
+def test_every_method_trains_and_writes_the_documented_files(
     method: str, weights: Path, folder: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"

@@ -58,7 +58,7 @@ def test_port_in_use_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert "cannot listen on 127.0.0.1" in err and err.count("\n") == 1
 
 
-def test_contract_flags_exist() -> None:
+def test_documented_flags_exist() -> None:
     flags = {a.option_strings[0] for a in build_parser()._actions if a.option_strings}
     assert {"--model", "--weights", "--store", "--backend", "--device", "--host", "--port"} <= flags
 
