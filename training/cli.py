@@ -1,4 +1,4 @@
-"""``ssf-train``: fine-tune a timm backbone on a dataset with one method and write what CONTRACT.md promises.
+"""``ssf-train``: fine-tune a timm backbone on a dataset with one method and write what docs/cli.md documents.
 
 Writes to ``--out``: ``delta.safetensors`` (methods that fold: ssf, linear, bias), ``summary.json``,
 ``metrics.jsonl`` (one line per epoch), ``checkpoint.safetensors`` (trainable tensors of the last epoch,

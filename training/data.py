@@ -3,7 +3,7 @@
 Specs:
 
 - ``imagefolder:DIR``: ``DIR/train`` (required), ``DIR/val`` and ``DIR/test`` (optional), one sub-folder
-  per class; class names are the sorted sub-folder names (CONTRACT.md). Without ``val`` a stratified 10%
+  per class; class names are the sorted sub-folder names (docs/cli.md). Without ``val`` a stratified 10%
   of train is held out for model selection: we never select on test.
 - ``vtab:DIR``: VTAB-1k list files (``path label`` lines): ``train800.txt`` + ``val200.txt`` when present,
   else ``train800val200.txt`` with 10% held out, and ``test.txt``.

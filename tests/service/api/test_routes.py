@@ -1,4 +1,4 @@
-"""Every route of the CONTRACT against a fake engine: success bodies, and every status code it lists."""
+"""Every route of docs/api.md against a fake engine: success bodies, and every status code it lists."""
 
 from __future__ import annotations
 
