@@ -273,9 +273,10 @@ def test_k8s_service_ingress_and_hpa_point_at_the_deployment() -> None:
     assert shlex.join(redis["spec"]["template"]["spec"]["containers"][0]["command"]).endswith("redis.conf")
 
 
-# Per-Ingress annotations of kubernetes/ingress-nginx that these manifests may use (from its
-# docs/user-guide/nginx-configuration/annotations.md). ingress-nginx ignores an unknown annotation without
-# a word, e.g. client-body-timeout, which exists only as a controller ConfigMap key.
+# Per-Ingress annotations of kubernetes/ingress-nginx that these manifests may use (from
+# https://github.com/kubernetes/ingress-nginx/blob/main/docs/user-guide/nginx-configuration/annotations.md).
+# ingress-nginx ignores an unknown annotation without a word, e.g. client-body-timeout, which exists only
+# as a controller ConfigMap key.
 INGRESS_NGINX_ANNOTATIONS = {
     "proxy-body-size",
     "proxy-connect-timeout",
