@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 
 import ssf
-from tests.ssf.models import make
+from tests.helpers.models import make
 
 
 def test_weights_round_trip_and_fingerprint(tmp_path: Path) -> None:

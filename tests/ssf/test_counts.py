@@ -7,7 +7,7 @@ import timm
 import torch
 
 import ssf
-from tests.ssf.models import make
+from tests.helpers.models import make
 
 
 def counts(name: str, num_classes: int, scheme: str) -> tuple[int, int, int]:

@@ -12,7 +12,8 @@ import torch
 
 import ssf
 from ssf.delta import FORMAT_VERSION, BackboneSpec, Delta
-from tests.ssf.models import NUM_CLASSES, make
+from tests.helpers import deltas
+from tests.helpers.models import NUM_CLASSES, make
 
 
 @pytest.fixture(scope="module")
@@ -27,16 +28,16 @@ def trained() -> tuple[torch.nn.Module, BackboneSpec]:
 
 
 def make_delta(model: torch.nn.Module, spec: BackboneSpec, labels: list[str] | None = None) -> Delta:
-    return ssf.delta_from_model(
+    delta = deltas.make_delta(
         model,
-        task="digits",
-        backbone=spec.model,
-        backbone_fingerprint=spec.fingerprint,
-        site_scheme="foldable",
+        "digits",
+        spec.model,
         labels=labels or [f"c{i}" for i in range(NUM_CLASSES)],
         preprocess={"input_size": [3, 160, 160]},
         metrics={"val_acc": 0.5},
     )
+    assert delta.backbone_fingerprint == spec.fingerprint
+    return delta
 
 
 def test_round_trip_is_bit_exact(trained: tuple[torch.nn.Module, BackboneSpec]) -> None:

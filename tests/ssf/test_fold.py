@@ -8,19 +8,11 @@ import torch
 from torch import nn
 
 import ssf
-from ssf.layers import ScaleShift
 from ssf.sites import input_size
-from tests.ssf.models import FAMILIES, NUM_CLASSES, make
+from tests.helpers.deltas import randomize_sites
+from tests.helpers.models import FAMILIES, NUM_CLASSES, make
 
 CASES = [(f, s) for f in FAMILIES for s in ("foldable", "paper")]
-
-
-def randomize_sites(model: nn.Module, std: float = 0.3, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for affine in model.ssf.values():
-        assert isinstance(affine, ScaleShift)
-        affine.scale.data = 1 + std * torch.randn(affine.scale.shape, generator=g)
-        affine.shift.data = std * torch.randn(affine.shift.shape, generator=g)
 
 
 @pytest.mark.parametrize(("family", "scheme"), CASES)
@@ -29,7 +21,7 @@ def test_folded_plain_model_matches_unmerged(family: str, scheme: str) -> None:
     base_classes = {n: type(m) for n, m in model.named_modules()}
     base_count = sum(p.numel() for p in model.parameters())
     sites = ssf.inject_ssf(model, scheme)
-    randomize_sites(model)
+    randomize_sites(model, torch.Generator().manual_seed(1))
     x = torch.randn(3, *input_size(model), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         plain_out = make(family)(x)
@@ -100,7 +92,7 @@ def test_channel_axis_comes_from_the_op_not_the_shape() -> None:
     assert sites["stages.0.blocks.0.norm"].channel_dim == -1  # channels-last LayerNorm in the block
     assert sites["stages.0.blocks.0.conv_dw"].channel_dim == 1
     ssf.inject_ssf(model)
-    randomize_sites(model)
+    randomize_sites(model, torch.Generator().manual_seed(1))
     c = sites["stem.0"].channels
     x = torch.randn(1, 3, 4 * c, 4 * c)  # stem output is (1, C, C, C): width equals channels
     with torch.no_grad():
