@@ -6,12 +6,12 @@ Keys (names are validated before they become part of any key):
     ssf:task:<name>:<N>       the StoredTask record of version N (JSON)
     ssf:blob:<name>:<N>       the delta bytes of version N
     ssf:seq:<name>            the last version ever given (survives delete: numbers are never reused)
-    ssf:registry:version      a counter bumped by every change
     ssf:changes               pub/sub channel: the changed task's name (a hint only)
 
 A put is WATCH ssf:index + MULTI/EXEC, so two replicas replacing one task concurrently get n+1 and n+2,
 never a lost update. Pub/sub can drop messages silently (a killed subscriber connection loses what was
-published meanwhile), so correctness never depends on it: the engine reconciles on a timer.
+published meanwhile), so correctness never depends on it: replicas reconcile on a timer
+(``service.store.sync.Reconciler``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from service.store.base import StoredTask, StoreUnavailable, TaskExists, TaskNot
 log = logging.getLogger(__name__)
 
 INDEX = "ssf:index"
-REGISTRY_VERSION = "ssf:registry:version"
 CHANNEL = "ssf:changes"
 KEEP_VERSIONS = 2
 
@@ -93,7 +92,6 @@ class RedisStore:
             pipe.set(_task_key(name, version), json.dumps(asdict(stored)))
             pipe.set(f"ssf:seq:{name}", version)
             pipe.hset(INDEX, name, version)
-            pipe.incr(REGISTRY_VERSION)
             old = version - KEEP_VERSIONS
             if old >= 1:
                 pipe.delete(_blob_key(name, old), _task_key(name, old))
@@ -154,7 +152,6 @@ class RedisStore:
             pipe.multi()
             pipe.hdel(INDEX, name)
             pipe.delete(*keys)
-            pipe.incr(REGISTRY_VERSION)
 
         self._call(lambda: self._redis.transaction(transaction, INDEX))
         self._publish(name)
@@ -169,9 +166,6 @@ class RedisStore:
             return []
         raws = self._call(lambda: self._redis.mget([_task_key(n, v) for n, v in versions.items()]))
         return [StoredTask(**json.loads(r)) for r in raws if r is not None]
-
-    def registry_version(self) -> int:
-        return int(self._call(lambda: self._redis.get(REGISTRY_VERSION)) or 0)
 
     def watch(self, callback: Callable[[str], None]) -> None:
         """Deliver change hints to ``callback(name)`` from a daemon thread that resubscribes after errors."""
