@@ -187,12 +187,12 @@ async def memory(
 ) -> dict[str, Any]:
     """RSS of an engine (on a directory store, so stored bytes are not counted) as tasks are added."""
     from service.engine.engine import Engine
+    from service.settings import EngineConfig
     from service.store import open_store
 
     with tempfile.TemporaryDirectory(prefix="ssf-bench-mem-") as tmp:
-        engine = Engine(
-            mt.MODEL, weights, open_store(tmp), device="cpu", pretrained=False, reconcile_interval_s=3600
-        )
+        config = EngineConfig(device="cpu", reconcile_interval_s=3600)
+        engine = Engine(mt.MODEL, weights, open_store(tmp), config=config, pretrained=False)
         await engine.start()
         gc.collect()
         points = [(0, rss_bytes())]
@@ -202,7 +202,7 @@ async def memory(
             if (i + 1) % max(1, n // 10) == 0:
                 gc.collect()
                 points.append((i + 1, rss_bytes()))
-        entry = next(iter(engine._resident.values()))
+        entry = next(iter(engine.residency.entries.values()))
         sites = engine.backend.tables.sites
         row_bytes = (
             sum(2 * s.channels for s in sites) * engine.backend.tables.scale[sites[0].path].element_size()
@@ -233,7 +233,7 @@ async def throughput(
 ) -> dict[str, Any]:
     duration = 1.0 if quick else 1.5
     steps = 4 if quick else 5
-    entries = [engine._resident[n] for n in names]
+    entries = [engine.residency.entries[n] for n in names]
     import random
 
     rng = random.Random(0)
@@ -314,7 +314,7 @@ hi = 0.0
 async def run_all(quick: bool) -> dict[str, Any]:
     global hi
     from service.engine.engine import Engine
-    from service.engine.scheduler import SchedulerConfig
+    from service.settings import EngineConfig
     from service.store import open_store
 
     res: dict[str, Any] = {"quick": quick}
@@ -348,12 +348,14 @@ async def run_all(quick: bool) -> dict[str, Any]:
                 mt.MODEL,
                 weights,
                 open_store(str(tmp / "store-inproc")),
-                device="cpu",
                 pretrained=False,
-                scheduler=SchedulerConfig(
-                    max_batch_size=mt.MAX_BATCH, max_queue_delay_ms=mt.MAX_DELAY_MS, max_queue_images=8192
+                config=EngineConfig(
+                    device="cpu",
+                    max_batch_size=mt.MAX_BATCH,
+                    max_queue_delay_ms=mt.MAX_DELAY_MS,
+                    max_queue_size=8192,
+                    reconcile_interval_s=3600,
                 ),
-                reconcile_interval_s=3600,
             )
             await engine.start()
             res["upload_inproc"] = await inprocess_upload(engine, deltas[:reps], images[0])

@@ -21,7 +21,7 @@ import ssf
 from bench.report import RESULTS, machine_line, write_section
 from service.engine.merged import MergedBuilder
 from service.engine.metrics import EngineMetrics
-from service.engine.resident import TaskEntry
+from service.engine.residency import TaskEntry
 from service.engine.torch_backend import TorchBackend
 from service.store.base import StoredTask
 
@@ -64,27 +64,29 @@ def interleaved(variants: dict[str, Callable[[], Any]], reps: int) -> dict[str, 
     }
 
 
-def setup(model_name: str, tasks: int) -> tuple[TorchBackend, list[TaskEntry], tuple[int, ...]]:
+def setup(
+    model_name: str, tasks: int, onnx: bool = False
+) -> tuple[TorchBackend, Any, list[TaskEntry], tuple[int, ...]]:
     model = ssf.create_backbone(model_name, pretrained=False, num_classes=10).eval()
     spec = ssf.BackboneSpec.from_model(model, model_name)
     head = {k: v for k, v in model.state_dict().items() if k.startswith(spec.head_prefix + ".")}
     size = tuple(int(d) for d in ssf.sites.input_size(model))
+    onnx_backend = None
+    if onnx:  # built first: the torch backend attaches its gather sites to the model
+        from service.engine.onnx_backend import OnnxBackend
+
+        onnx_backend = OnnxBackend(model, list(spec.sites), 1 << 34, EngineMetrics())
     backend = TorchBackend(
         model, list(spec.sites), torch.device("cpu"), torch.float32, 1 << 34, EngineMetrics()
     )
     entries = [random_entry(spec, head, f"task{i}", i) for i in range(tasks)]
     for e in entries:
         backend.install(e)
-    return backend, entries, size
+    return backend, onnx_backend, entries, size
 
 
 def bench_model(model_name: str, reps: int, batches: tuple[int, ...], onnx: bool) -> list[dict[str, Any]]:
-    backend, entries, size = setup(model_name, max(batches))
-    onnx_backend = None
-    if onnx:
-        from service.engine.onnx_backend import OnnxBackend
-
-        onnx_backend = OnnxBackend(backend, 1 << 34, backend.metrics)
+    backend, onnx_backend, entries, size = setup(model_name, max(batches), onnx)
     rows = []
     hot = entries[0]
     for b in batches:
@@ -97,8 +99,8 @@ def bench_model(model_name: str, reps: int, batches: tuple[int, ...], onnx: bool
             "mixed": lambda x=x, g=groups: backend.run_mixed(x, g),
         }
         if onnx_backend is not None:
-            onnx_backend.run(hot, x)
-            variants["onnx"] = lambda x=x: onnx_backend.run(hot, x)
+            onnx_backend.run("onnx", x, [(hot, b)])
+            variants["onnx"] = lambda x=x, b=b: onnx_backend.run("onnx", x, [(hot, b)])
         t = interleaved(variants, reps)
         rows.append({"model": model_name, "batch": b, **t})
         print(
@@ -114,7 +116,7 @@ def profile_batch1(model_name: str, reps: int = 50) -> dict[str, Any]:
     whose per-op overhead would inflate exactly these small ops)."""
     from torch.profiler import ProfilerActivity, profile
 
-    backend, entries, size = setup(model_name, 1)
+    backend, _, entries, size = setup(model_name, 1)
     x = torch.randn(1, *size)
     groups = [(entries[0], 1)]
     variants = {"bare": lambda: backend.run_bare(x), "mixed": lambda: backend.run_mixed(x, groups)}

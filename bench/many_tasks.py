@@ -215,7 +215,7 @@ class Target:
 class EngineTarget(Target):
     def __init__(self, engine: Any, names: list[str], x: torch.Tensor) -> None:
         self.engine, self.x = engine, x
-        self.entries = [engine._resident[n] for n in names]
+        self.entries = [engine.residency.entries[n] for n in names]
 
     async def send(self, i: int) -> Any:
         return await self.engine.scheduler.submit(self.entries[i], self.x, time.monotonic() + 30)
@@ -225,7 +225,7 @@ class EngineTarget(Target):
 
         sched = self.engine.scheduler
         sched.config = replace(sched.config, path_policy={"hybrid": "auto"}.get(policy, policy))
-        self.engine.backend.cache.max_bytes = self.engine.max_cache_bytes
+        self.engine.backend.cache.max_bytes = self.engine.config.max_cache_bytes
         for key in list(self.engine.backend.cache.keys()):  # every policy starts from a cold cache
             self.engine.backend.cache.discard(key)
         sched.costs.__init__()  # type: ignore[misc]
@@ -256,20 +256,22 @@ async def build_engine(
 ) -> tuple[Any, list[float]]:
     """An engine on an in-memory store; the n tasks are uploaded through ``add_task`` (timed)."""
     from service.engine.engine import Engine
-    from service.engine.scheduler import SchedulerConfig
-    from tests.service.engine.helpers import MemoryStore
+    from service.settings import EngineConfig
+    from tests.helpers.stores import MemoryStore
 
     engine = Engine(
         MODEL,
         weights,
         MemoryStore(),
-        device="cpu",
         pretrained=False,
-        scheduler=SchedulerConfig(
-            max_batch_size=MAX_BATCH, max_queue_delay_ms=MAX_DELAY_MS, max_queue_images=8192
+        config=EngineConfig(
+            device="cpu",
+            max_batch_size=MAX_BATCH,
+            max_queue_delay_ms=MAX_DELAY_MS,
+            max_queue_size=8192,
+            max_cache_bytes=NAIVE_K * copy_bytes + 1,
+            reconcile_interval_s=3600,
         ),
-        max_cache_bytes=NAIVE_K * copy_bytes + 1,
-        reconcile_interval_s=3600,
     )
     await engine.start()
     adds = []

@@ -11,7 +11,7 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -27,16 +27,61 @@ def is_loopback(host: str) -> bool:
         return False  # a host name other than localhost may resolve to anything: treat it as public
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SSF_", extra="forbid", frozen=True)
+class EngineConfig(BaseModel):
+    """Every limit and default the engine works to, under the names of their ``SSF_*`` variables.
 
-    # what to serve
-    model: str = Field(min_length=1, description="timm model name of the frozen backbone")
-    weights: Path | None = Field(None, description="local safetensors state_dict for the backbone")
-    store: str = Field("ssf-store", description="a directory, or redis://HOST:PORT/DB")
+    ``Settings`` is an ``EngineConfig`` (it inherits these fields), so the object read from the environment
+    is the one the engine gets: no field is renamed or copied on the way, and each default lives here only.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     backend: Literal["torch", "onnx"] = "torch"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    max_cache_bytes: int = Field(default=1 << 30, ge=0, description="merged-copy cache size")
+    reconcile_interval_s: float = Field(
+        default=2.0, gt=0, description="how often a replica checks the store for changes made elsewhere"
+    )
+
+    # limits (checked by the engine; the HTTP layer bounds only request bodies)
+    max_body_bytes: int = Field(
+        default=8 * MiB, ge=1024, description="request body limit except uploads; per image"
+    )
+    max_delta_bytes: int = Field(default=16 * MiB, ge=1024, description="delta file size limit")
+    max_image_pixels: int = Field(default=40_000_000, ge=1, description="width*height limit per image")
+    max_images_per_request: int = Field(default=64, ge=1)
+    max_labels: int = Field(default=100_000, ge=1)
+
+    # dynamic batching
+    max_batch_size: int = Field(default=32, ge=1)
+    max_queue_delay_ms: float = Field(default=5.0, ge=0)
+    max_queue_size: int = Field(default=1024, ge=1, description="images waiting in the scheduler, then 429")
+    request_timeout_s: float = Field(
+        default=30.0, gt=0, description="deadline of a request, body read included"
+    )
+    merged_min_batch: int = Field(default=8, ge=1, description="images of one task that make a merged batch")
+    merge_amortize_batches: float = Field(
+        default=4.0, ge=0, description="how many batches a new merged copy is expected to serve"
+    )
+    path_policy: Literal["auto", "mixed", "merged"] = "auto"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EngineConfig:
+        if self.backend == "onnx" and (self.dtype != "float32" or self.device == "cuda"):
+            raise ValueError("the onnx backend runs float32 on the CPU: drop --device cuda and SSF_DTYPE")
+        if self.max_images_per_request > self.max_queue_size:
+            raise ValueError("max_queue_size must hold at least one request of max_images_per_request images")
+        return self
+
+
+class Settings(EngineConfig, BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SSF_", extra="forbid", frozen=True)
+
+    # what to serve (backend, device, dtype and every limit: EngineConfig)
+    model: str = Field(min_length=1, description="timm model name of the frozen backbone")
+    weights: Path | None = Field(None, description="local safetensors state_dict for the backbone")
+    store: str = Field("ssf-store", description="a directory, or redis://HOST:PORT/DB")
 
     # where to listen and who may change things
     host: str = "127.0.0.1"
@@ -46,18 +91,6 @@ class Settings(BaseSettings):
         None, description="comma-separated tokens; when set, predict needs one of them (or the admin token)"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-
-    # limits (DESIGN.md "Security and robustness defaults")
-    max_body_bytes: int = Field(8 * MiB, ge=1024, description="request body limit except uploads")
-    max_delta_bytes: int = Field(16 * MiB, ge=1024, description="delta file size limit")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="width*height limit per image")
-    max_images_per_request: int = Field(64, ge=1)
-    max_labels: int = Field(100_000, ge=1)
-    max_batch_size: int = Field(32, ge=1)
-    max_queue_delay_ms: float = Field(5.0, ge=0)
-    max_queue_size: int = Field(1024, ge=1, description="images waiting in the scheduler, then 429")
-    request_timeout_s: float = Field(30.0, gt=0, description="deadline of a request, body read included")
-    max_cache_bytes: int = Field(1 << 30, ge=0, description="merged-copy cache size")
 
     # shutdown: readiness turns 503 for drain_delay_s before the listener closes, then in-flight
     # requests get graceful_timeout_s to finish
@@ -80,8 +113,6 @@ class Settings(BaseSettings):
                 f"refusing to listen on {self.host} without an admin token: set SSF_ADMIN_TOKEN "
                 "or listen on 127.0.0.1"
             )
-        if self.backend == "onnx" and (self.dtype != "float32" or self.device == "cuda"):
-            raise ValueError("the onnx backend runs float32 on the CPU: drop --device cuda and SSF_DTYPE")
         return self
 
     @property

@@ -12,7 +12,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 from starlette.types import Scope
@@ -21,45 +20,24 @@ from service.api import errors
 from service.api.deps import Client
 from service.api.middleware import BodyLimitMiddleware, HttpMetrics, MetricsMiddleware
 from service.api.routes import backbone, health, predict, tasks
-from service.engine.protocol import EngineAPI
+from service.engine.protocol import EngineAPI, StartupError, StoreUnusable
 from service.settings import Settings
 
 log = logging.getLogger("service.api")
 
 
-def build_engine(settings: Settings) -> Any:
-    """The real engine and store for ``settings`` (imported here: torch loads only when serving)."""
-    from service.engine.engine import Engine, EngineLimits
-    from service.engine.images import ImageLimits
-    from service.engine.scheduler import SchedulerConfig
+def build_engine(settings: Settings) -> EngineAPI:
+    """The real engine and store for ``settings`` (imported here: torch loads only when serving). The
+    settings are the engine's config as they are: the same names from ``SSF_*`` to the engine."""
+    from service.engine.engine import Engine
     from service.store import open_store
 
-    limits = EngineLimits(
-        max_delta_bytes=settings.max_delta_bytes,
-        max_labels=settings.max_labels,
-        images=ImageLimits(
-            max_images=settings.max_images_per_request,
-            max_image_bytes=settings.max_body_bytes,
-            max_pixels=settings.max_image_pixels,
-        ),
-    )
-    scheduler = SchedulerConfig(
-        max_batch_size=settings.max_batch_size,
-        max_queue_delay_ms=settings.max_queue_delay_ms,
-        max_queue_images=settings.max_queue_size,
-        request_timeout_ms=settings.request_timeout_s * 1000,
-    )
+    try:
+        store = open_store(settings.store)
+    except (ValueError, OSError) as e:
+        raise StoreUnusable(f"--store: {e}") from e
     return Engine(
-        settings.model,
-        settings.weights,
-        open_store(settings.store),
-        backend=settings.backend,
-        device=settings.device,
-        dtype=settings.dtype,
-        limits=limits,
-        scheduler=scheduler,
-        max_cache_bytes=settings.max_cache_bytes,
-        pretrained=settings.weights is None,
+        settings.model, settings.weights, store, config=settings, pretrained=settings.weights is None
     )
 
 
@@ -78,13 +56,11 @@ async def _start_engine(app: FastAPI, settings: Settings) -> None:
     try:
         if app.state.engine is None:
             app.state.engine = await asyncio.to_thread(build_engine, settings)
-        start = getattr(app.state.engine, "start", None)
-        if start is not None:
-            await start()
+        await app.state.engine.start()
     except Exception as e:
         app.state.start_error = str(e) or type(e).__name__
-        # bad input (weights that do not fit, an unreadable store) needs the message, not a traceback
-        expected = isinstance(e, (ValueError, OSError)) or type(e).__name__ == "BackboneError"
+        # bad input (weights that do not fit, no CUDA, an unreadable store) needs the message, not a traceback
+        expected = isinstance(e, StartupError)
         log.error("engine failed to start: %s", app.state.start_error, exc_info=None if expected else e)
         on_fatal: Callable[[str], None] | None = app.state.on_fatal
         if on_fatal is not None:
@@ -100,7 +76,7 @@ def begin_drain(app: FastAPI) -> None:
 
 def create_app(settings: Settings, engine: EngineAPI | None = None) -> FastAPI:
     """The app for ``settings``. Without ``engine`` the lifespan builds the real one from the settings;
-    either way the lifespan calls ``engine.start()`` (when it has one) and ``engine.stop()`` at the end,
+    either way the lifespan calls ``engine.start()`` and ``engine.stop()`` at the end,
     so pass an engine that is not started yet."""
 
     @asynccontextmanager
@@ -113,10 +89,10 @@ def create_app(settings: Settings, engine: EngineAPI | None = None) -> FastAPI:
             if not starter.done():
                 starter.cancel()
             await asyncio.gather(starter, return_exceptions=True)
-            stop = getattr(app.state.engine, "stop", None)
-            if stop is not None:
+            engine: EngineAPI | None = app.state.engine
+            if engine is not None:
                 try:
-                    await stop()
+                    await engine.stop()
                 except Exception:
                     log.exception("engine stop failed")
             log.info("stopped")

@@ -19,7 +19,7 @@ def get_settings(request: Request) -> Settings:
 
 
 def get_engine(request: Request) -> EngineAPI:
-    engine: EngineAPI | None = getattr(request.app.state, "engine", None)
+    engine: EngineAPI | None = request.app.state.engine
     if engine is None:
         raise ApiError(503, "unavailable", "the engine is still starting", {"Retry-After": "1"})
     return engine

@@ -12,7 +12,6 @@ import io
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import timm.data
@@ -21,16 +20,10 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from service.engine.protocol import BadImage, ImageTooLarge, UnsupportedMediaType
+from service.settings import EngineConfig
 from ssf.sites import input_size
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP"})
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    max_images: int = 64
-    max_image_bytes: int = 10 * 1024 * 1024
-    max_pixels: int = 40_000_000  # 40 MP: a large phone photo passes, a 20000x20000 bomb does not
 
 
 def data_config(model: nn.Module) -> dict[str, Any]:
@@ -41,9 +34,10 @@ def data_config(model: nn.Module) -> dict[str, Any]:
 
 
 class Preprocessor:
-    """Decode, orient, convert to RGB and transform, with per-engine limits."""
+    """Decode, orient, convert to RGB and transform, within the engine's limits (``max_images_per_request``,
+    ``max_body_bytes`` per image, ``max_image_pixels``)."""
 
-    def __init__(self, model: nn.Module, limits: ImageLimits) -> None:
+    def __init__(self, model: nn.Module, limits: EngineConfig) -> None:
         self.limits = limits
         self.config = data_config(model)
         self.transform: Callable[[Image.Image], torch.Tensor] = timm.data.create_transform(
@@ -57,17 +51,22 @@ class Preprocessor:
     def check_count(self, images: Sequence[bytes]) -> None:
         if not images:
             raise BadImage("the request holds no image")
-        if len(images) > self.limits.max_images:
-            raise ImageTooLarge(f"{len(images)} images in one request; the limit is {self.limits.max_images}")
+        limit = self.limits.max_images_per_request
+        if len(images) > limit:
+            raise ImageTooLarge(f"{len(images)} images in one request; the limit is {limit}")
         for i, data in enumerate(images):
-            if len(data) > self.limits.max_image_bytes:
+            if len(data) > self.limits.max_body_bytes:
                 raise ImageTooLarge(
-                    f"image {i} is {len(data)} bytes; the limit is {self.limits.max_image_bytes}"
+                    f"image {i} is {len(data)} bytes; the limit is {self.limits.max_body_bytes}"
                 )
 
     def __call__(self, images: Sequence[bytes]) -> torch.Tensor:
-        """All images of one request as one batch (the caller runs this off the event loop)."""
+        """``check_count``, then ``decode_all``."""
         self.check_count(images)
+        return self.decode_all(images)
+
+    def decode_all(self, images: Sequence[bytes]) -> torch.Tensor:
+        """All images of one request as one batch, already counted (runs off the event loop)."""
         return torch.stack([self.tensor(self.decode(data, i), i) for i, data in enumerate(images)])
 
     def tensor(self, img: Image.Image, index: int) -> torch.Tensor:
@@ -103,17 +102,17 @@ class Preprocessor:
         width, height = img.size
         if width <= 0 or height <= 0:
             raise BadImage(f"image {index} has an empty size {width}x{height}")
-        if width * height > self.limits.max_pixels:
+        if width * height > self.limits.max_image_pixels:
             raise ImageTooLarge(
                 f"image {index} is {width}x{height} = {width * height} pixels; "
-                f"the limit is {self.limits.max_pixels}"
+                f"the limit is {self.limits.max_image_pixels}"
             )
         scale = self.resize_short / min(width, height)
-        if scale > 1 and width * height * scale * scale > self.limits.max_pixels:
+        if scale > 1 and width * height * scale * scale > self.limits.max_image_pixels:
             grown = int(width * height * scale * scale)
             raise ImageTooLarge(
                 f"image {index} is {width}x{height}: resizing its short side to {self.resize_short} px "
-                f"would make {grown} pixels; the limit is {self.limits.max_pixels}"
+                f"would make {grown} pixels; the limit is {self.limits.max_image_pixels}"
             )
         img.load()
         return ImageOps.exif_transpose(img).convert("RGB")

@@ -1,4 +1,4 @@
-"""Resident tasks: every task's scale/shift stacked into per-site tables on the device, plus its head.
+"""The mixed path: every resident task's scale/shift stacked into per-site tables on the device.
 
 The mixed path runs one forward over a batch that holds many tasks: at each site a ``GatherAffine`` applies
 each sample's row of the site's scale and shift (an elementwise op, about 0.1% of the FLOPs). Row 0 is the
@@ -8,8 +8,7 @@ freed on the thread that owns the model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -17,36 +16,9 @@ from torch import nn
 from torch.func import functional_call
 
 import ssf
-from service.store.base import StoredTask
 
-
-@dataclass(eq=False)
-class TaskEntry:
-    """One resident (task, version). Requests hold it from lookup to answer, so a replace never tears."""
-
-    stored: StoredTask
-    delta: ssf.Delta
-    row: int = 0  # row in the site tables; 0 (identity) for head-only deltas
-    head: dict[str, torch.Tensor] = field(default_factory=dict)  # on the device, in the compute dtype
-    inflight: int = 0
-    retired: bool = False
-    prebuilt: Any = None  # an ONNX session built before the version existed, adopted once it does
-
-    @property
-    def name(self) -> str:
-        return self.stored.name
-
-    @property
-    def version(self) -> int:
-        return self.stored.version
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return (self.stored.name, self.stored.version)
-
-    @property
-    def labels(self) -> list[str]:
-        return self.delta.labels
+if TYPE_CHECKING:
+    from service.engine.residency import TaskEntry
 
 
 class SiteTables:

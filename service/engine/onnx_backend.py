@@ -1,176 +1,77 @@
-"""ONNX: one exported graph of the plain backbone, and per task a merged graph made by replacing initializers.
-
-The base is exported once with every bias that folding can create already present (biases of ops that
-have none, e.g. ``qkv_bias=False``) and with distinct placeholder values (so the exporter cannot merge
-equal tensors), so every state-dict key has an initializer of its own name; the real base values then
-replace the placeholders, and a task's graph is that base graph with the folded initializers swapped.
-The mapping is verified at start: the graph holding the base weights must reproduce the base model's
-outputs. Sessions live in an LRU bounded in bytes, keyed by (task, version).
-"""
+"""The ONNX Runtime backend: per task a session over its merged graph (``onnx_graph``), in an LRU bounded in
+bytes and keyed by (task, version). Every batch holds one task; there is no mixed path."""
 
 from __future__ import annotations
 
-import io
 import time
-import warnings
-from collections.abc import Mapping
 
-import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
-from onnx import numpy_helper
+from torch import nn
 
 import ssf
-from service.engine.merged import ByteLRU, build_plain
+from service.engine.backend import BatchPath, BatchRun
+from service.engine.merged import ByteLRU, meta_skeleton
 from service.engine.metrics import EngineMetrics
-from service.engine.resident import TaskEntry
-from service.engine.torch_backend import TorchBackend
-
-OPSET = 17
-
-
-class OnnxExportError(RuntimeError):
-    """The exported graph's initializers cannot be mapped to the model's state dict."""
-
-
-def export_plain(model: torch.nn.Module, example: torch.Tensor) -> bytes:
-    """``image`` (N,3,H,W) -> ``logits`` (N,K); batch and classes dynamic; initializers keep their names."""
-    buf = io.BytesIO()
-    kwargs = dict(
-        input_names=["image"],
-        output_names=["logits"],
-        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch", 1: "classes"}},
-        do_constant_folding=False,  # folding would rename (and pre-transpose) the weights
-        opset_version=OPSET,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(model, (example,), buf, dynamo=False, **kwargs)  # type: ignore[arg-type]
-        except Exception:  # models the TorchScript exporter cannot trace: the dynamo exporter
-            buf = io.BytesIO()
-            torch.onnx.export(model, (example,), buf, dynamo=True, **kwargs)  # type: ignore[arg-type]
-    return buf.getvalue()
+from service.engine.onnx_graph import OnnxGraphs, new_session
+from service.engine.residency import TaskEntry
 
 
 class OnnxBackend:
-    """Per-task merged graphs and ONNX Runtime sessions, all derived from one export of the base."""
+    mixes = False
+    single_task_path: BatchPath = "onnx"
 
-    def __init__(self, torch_backend: TorchBackend, max_cache_bytes: int, metrics: EngineMetrics) -> None:
+    def __init__(
+        self, model: nn.Module, sites: list[ssf.Site], max_cache_bytes: int, metrics: EngineMetrics
+    ) -> None:
+        self.device = torch.device("cpu")
         self.metrics = metrics
-        self.sites = torch_backend.sites
-        self.base = {
-            k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
-            for k, v in torch_backend.base.items()
-        }
-        identity = {s.path: (torch.ones(s.channels), torch.zeros(s.channels)) for s in self.sites}
-        # the base with zero biases wherever folding would create one
-        self.state = {**ssf.fold_state_dict(self.base, self.sites, identity), **self.base}
-        self.created = sorted(set(self.state) - set(self.base))
-        g = torch.Generator().manual_seed(0)
-        # Export with distinct random values: the exporter merges initializers of equal value (e.g. two
-        # all-zero biases), which would tie tensors that tasks fold differently. The real values go in after.
-        export_state = {
-            k: torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-            for k, v in self.state.items()
-        }
-        model = build_plain(torch_backend.skeleton, export_state).to("cpu").float()
-        size = tuple(int(d) for d in ssf.sites.input_size(model))
-        example = torch.randn(2, *size, generator=g)
-        self.proto = onnx.load_from_string(export_plain(model, example))
-        self.index = {init.name: i for i, init in enumerate(self.proto.graph.initializer)}
-        # integer buffers (BatchNorm's num_batches_tracked) take no part in an eval graph
-        missing = [
-            k
-            for k, v in self.state.items()
-            if k not in self.index and v.numel() > 0 and v.is_floating_point()
-        ]
-        if missing:
-            raise OnnxExportError(
-                f"{len(missing)} weights have no initializer of their name, e.g. {missing[:3]}"
-            )
-        self.proto = onnx.load_from_string(self.graph_bytes(self.state))
-        self._verify(example, build_plain(torch_backend.skeleton, self.state).to("cpu").float())
+        model = model.eval().requires_grad_(False)
+        self.graphs = OnnxGraphs(meta_skeleton(model), model.state_dict(), [s for s in sites if s.foldable])
         self.sessions: ByteLRU[ort.InferenceSession] = ByteLRU("onnx", max_cache_bytes, metrics)
-        self.last_merge_s = 0.0
 
-    def _verify(self, example: torch.Tensor, plain: torch.nn.Module) -> None:
-        """Replacing every mapped initializer with the base weights must reproduce the base outputs."""
-        session = self.base_session = self._session(self.graph_bytes({}))
-        got = session.run(["logits"], {"image": example.numpy()})[0]
-        with torch.inference_mode():
-            want = plain(example).numpy()
-        err = float(np.abs(got - want).max())
-        if not err <= 1e-4 * max(1.0, float(np.abs(want).max())):
-            raise OnnxExportError(
-                f"the initializer mapping does not reproduce the base model (max error {err})"
-            )
-
-    def graph_bytes(self, replace: Mapping[str, torch.Tensor]) -> bytes:
-        graph = onnx.ModelProto()
-        graph.CopyFrom(self.proto)
-        inits = graph.graph.initializer
-        for key, tensor in replace.items():
-            if key in self.index:
-                inits[self.index[key]].CopyFrom(numpy_helper.from_array(tensor.detach().numpy(), key))
-        del graph.graph.value_info[:]  # shapes inferred for the base's class count no longer hold
-        return graph.SerializeToString()
-
-    def merged_state(self, entry: TaskEntry) -> dict[str, torch.Tensor]:
-        """The tensors of the task's graph that differ from the base graph."""
-        delta = entry.delta
-        folded = [s for s in self.sites if s.path in delta.sites]
-        merged = ssf.fold_state_dict(self.base, folded, delta.sites, delta.head)
-        return {k: v for k, v in merged.items() if v is not self.base.get(k)}
-
-    def merged_bytes(self, entry: TaskEntry) -> bytes:
-        return self.graph_bytes(self.merged_state(entry))
-
-    @staticmethod
-    def _session(data: bytes) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        # no busy-waiting between runs: the idle pool would steal the cores the PyTorch path is using
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-
-    def session(self, entry: TaskEntry) -> ort.InferenceSession:
-        def build() -> tuple[ort.InferenceSession, int]:
-            start = time.perf_counter()
-            data = self.merged_bytes(entry)
-            session = self._session(data)
-            self.last_merge_s = time.perf_counter() - start
-            self.metrics.merge_seconds.labels("onnx").observe(self.last_merge_s)
-            return session, len(data)
-
-        self.last_merge_s = 0.0
-        session, _ = self.sessions.get_or_build(entry.key, build)
-        return session
-
-    def prepare(self, entry: TaskEntry) -> None:
-        """Build the task's session ahead of its version number (upload): failures surface here."""
+    def _build(self, entry: TaskEntry) -> tuple[ort.InferenceSession, int, float]:
         start = time.perf_counter()
-        data = self.merged_bytes(entry)
-        entry.prebuilt = (self._session(data), len(data))
-        self.metrics.merge_seconds.labels("onnx").observe(time.perf_counter() - start)
+        data = self.graphs.merged_bytes(entry.delta)
+        session = new_session(data)
+        seconds = time.perf_counter() - start
+        self.metrics.merge_seconds.labels("onnx").observe(seconds)
+        return session, len(data), seconds
+
+    def install(self, entry: TaskEntry) -> None:
+        """Build the task's session ahead of its version number (an upload): failures surface here."""
+        session, nbytes, _ = self._build(entry)
+        entry.prebuilt = (session, nbytes)
 
     def adopt(self, entry: TaskEntry) -> None:
-        session, nbytes = entry.prebuilt
-        entry.prebuilt = None
-        self.sessions.put(entry.key, session, nbytes)
-
-    def merged_cached(self, entry: TaskEntry) -> bool:
-        return entry.key in self.sessions
-
-    def run(self, entry: TaskEntry, x: torch.Tensor) -> torch.Tensor:
-        out = self.session(entry).run(["logits"], {"image": x.float().numpy()})[0]
-        return torch.from_numpy(out)
+        if entry.prebuilt is not None:
+            session, nbytes = entry.prebuilt
+            entry.prebuilt = None
+            self.sessions.put(entry.key, session, nbytes)
 
     def release(self, entry: TaskEntry) -> None:
         entry.prebuilt = None
         if entry.stored is not None:
             self.sessions.discard(entry.key)
 
+    def merged_cached(self, entry: TaskEntry) -> bool:
+        return entry.key in self.sessions
+
+    def run(self, path: BatchPath, x: torch.Tensor, groups: list[tuple[TaskEntry, int]]) -> BatchRun:
+        ((entry, _),) = groups
+        merge_s = 0.0
+
+        def build() -> tuple[ort.InferenceSession, int]:
+            nonlocal merge_s
+            session, nbytes, merge_s = self._build(entry)
+            return session, nbytes
+
+        session, _ = self.sessions.get_or_build(entry.key, build)
+        out = session.run(["logits"], {"image": x.float().numpy()})[0]
+        return BatchRun([torch.from_numpy(out)], merge_s)
+
     def warmup(self, example: torch.Tensor) -> None:
-        self.base_session.run(["logits"], {"image": example.float().numpy()})
+        self.graphs.base_session.run(["logits"], {"image": example.float().numpy()})
+
+    def export_onnx(self, entry: TaskEntry) -> bytes:
+        return self.graphs.merged_bytes(entry.delta)

@@ -1,4 +1,5 @@
-"""What the HTTP layer may ask of the engine, and the domain errors it raises.
+"""What the HTTP layer may ask of the engine (``EngineAPI``), the domain errors it raises, and the request
+rules every engine applies the same way (``check_top_k``, ``check_delta_size``).
 
 The api package maps each error to a status code once (one exception table); nothing here knows HTTP.
 """
@@ -6,7 +7,9 @@ The api package maps each error to a status code once (one exception table); not
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
+
+from prometheus_client import CollectorRegistry
 
 from service.store.base import StoredTask, StoreError, StoreUnavailable, TaskExists, TaskNotFound
 
@@ -67,6 +70,36 @@ class DeadlineExceeded(Unavailable):  # 503: the request's deadline passed while
     code = "deadline_exceeded"
 
 
+class StartupError(Exception):
+    """The engine cannot start with what it was given; the message says what to fix (logged without a
+    traceback: it is the operator's input, not a bug)."""
+
+
+class BackboneUnusable(StartupError):
+    """The backbone cannot be loaded or served: unknown model, weights that do not fit, unfoldable sites."""
+
+
+class DeviceUnavailable(StartupError):
+    """The device asked for is not there (``--device cuda`` without CUDA)."""
+
+
+class StoreUnusable(StartupError):
+    """The task registry cannot be opened (a malformed URL, a path that is not a directory)."""
+
+
+MAX_TOP_K = 1000  # the most labels per image a prediction may ask for
+
+
+def check_top_k(top_k: int) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
+        raise InvalidParameter(f"top_k must be an integer from 1 to {MAX_TOP_K}")
+
+
+def check_delta_size(size: int, limit: int) -> None:
+    if size > limit:
+        raise DeltaTooLarge(f"delta is {size} bytes; the limit is {limit}")
+
+
 @dataclass(frozen=True)
 class Scored:
     label: str
@@ -81,10 +114,25 @@ class PredictionResult:
     predictions: list[list[Scored]] = field(default_factory=list)
 
 
+@runtime_checkable
 class EngineAPI(Protocol):
-    """The facade the routes call (held on app.state.engine)."""
+    """The facade the HTTP app drives (held on ``app.state.engine``): the real ``Engine`` and the test
+    engine both implement every member, and a test keeps them in step."""
 
-    ready: bool
+    ready: bool  # the backbone is loaded and warmed, and the engine is not draining
+
+    async def start(self) -> None:
+        """Load and warm up; raise a ``StartupError`` for bad input (weights, device, store)."""
+        ...
+
+    async def stop(self, drain_timeout_s: float = 30.0) -> None:
+        """Refuse new work, finish what was admitted (up to ``drain_timeout_s``), release everything."""
+        ...
+
+    @property
+    def metrics_registry(self) -> CollectorRegistry:
+        """The engine's Prometheus metrics, served at ``GET /metrics``."""
+        ...
 
     # backbone_info: model, fingerprint, input_size, site_scheme, backend, device, dtype
     def backbone_info(self) -> dict[str, Any]: ...
@@ -97,15 +145,20 @@ class EngineAPI(Protocol):
 
     async def delete_task(self, name: str) -> None: ...
 
-    async def predict(self, name: str, images: list[bytes], top_k: int) -> PredictionResult: ...
+    async def predict(
+        self, name: str, images: list[bytes], top_k: int = 5, timeout_s: float | None = None
+    ) -> PredictionResult: ...
 
     async def onnx_model(self, name: str) -> bytes: ...
 
 
 __all__ = [
+    "MAX_TOP_K",
+    "BackboneUnusable",
     "BadImage",
     "DeadlineExceeded",
     "DeltaTooLarge",
+    "DeviceUnavailable",
     "EngineAPI",
     "EngineError",
     "ImageTooLarge",
@@ -114,11 +167,15 @@ __all__ = [
     "Overloaded",
     "PredictionResult",
     "Scored",
+    "StartupError",
     "StoreError",
     "StoreUnavailable",
+    "StoreUnusable",
     "StoredTask",
     "TaskExists",
     "TaskNotFound",
     "Unavailable",
     "UnsupportedMediaType",
+    "check_delta_size",
+    "check_top_k",
 ]

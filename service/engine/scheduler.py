@@ -9,7 +9,9 @@ on one of three paths:
 - ``mixed``: the oldest requests of any tasks in one forward through the gather sites;
 - ``onnx``: one task's requests on its ONNX Runtime session (the onnx backend has no mixed path).
 
-Requests whose deadline has passed are never executed; a full queue answers Overloaded at once.
+Admission is checked once per request, before any decoding: ``admit`` reserves the request's images and
+``submit`` queues them against that reservation. Requests whose deadline has passed are never executed; a
+full queue answers Overloaded at once. The knobs are ``EngineConfig``'s, under their ``SSF_*`` names.
 """
 
 from __future__ import annotations
@@ -20,27 +22,16 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
+from service.engine.backend import BatchPath, BatchRun
 from service.engine.metrics import EngineMetrics
 from service.engine.protocol import DeadlineExceeded, Overloaded, Unavailable
-from service.engine.resident import TaskEntry
+from service.engine.residency import TaskEntry
+from service.settings import EngineConfig
 
 log = logging.getLogger(__name__)
-Path = Literal["mixed", "merged", "onnx"]
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_batch_size: int = 32
-    max_queue_delay_ms: float = 5.0
-    max_queue_images: int = 1024
-    request_timeout_ms: float = 30_000.0
-    merged_min_batch: int = 8
-    merge_amortize_batches: float = 4.0  # how many batches a new merged copy is expected to serve
-    path_policy: Literal["auto", "mixed", "merged"] = "auto"
 
 
 @dataclass(eq=False)
@@ -82,26 +73,27 @@ class CostModel:
         return self.merge_s <= saved
 
 
-# run(path, items) executes on the model thread and returns each item's logits; merge seconds (0 if none)
-BatchRunner = Callable[[Path, list[Pending]], tuple[list[torch.Tensor], float]]
+# run(path, items) executes on the model thread: each item's logits and the merge seconds it took
+BatchRunner = Callable[[BatchPath, list[Pending]], BatchRun]
 
 
 class Scheduler:
     def __init__(
         self,
-        config: SchedulerConfig,
+        config: EngineConfig,
         runner: BatchRunner,
         executor: Executor,
         metrics: EngineMetrics,
         merged_cached: Callable[[TaskEntry], bool],
-        grouped_only: bool = False,
+        grouped_path: BatchPath | None = None,
     ) -> None:
         self.config, self.runner, self.executor, self.metrics = config, runner, executor, metrics
         self.merged_cached = merged_cached
-        self.grouped_only = grouped_only  # onnx: every batch holds one task
+        self.grouped_path = grouped_path  # set when the backend cannot mix: every batch holds one task
         self.costs = CostModel()
         self.queue: list[Pending] = []
         self.images_waiting = 0
+        self.images_admitted = 0  # admitted, not yet queued (decoding)
         self.busy = False
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -130,20 +122,32 @@ class Scheduler:
         self.queue.clear()
 
     def admit(self, n: int) -> None:
-        """Refuse at once (before any decoding) when ``n`` more images would overflow the queue."""
+        """Reserve room for ``n`` images, or refuse at once (before any decoding) when the queue is full.
+        The caller then either ``submit``s them or ``withdraw``s the reservation."""
         if self.closed:
             raise Unavailable("the engine is stopping")
-        if self.images_waiting + n > self.config.max_queue_images:
+        held = self.images_waiting + self.images_admitted
+        if held + n > self.config.max_queue_size:
             self.metrics.rejected.labels("queue_full").inc()
             per_image = self.costs.per_image_s.get("mixed", 0.01)
-            retry = max(1.0, round(self.images_waiting * per_image, 1))
-            raise Overloaded(
-                f"{self.images_waiting} images are queued (limit {self.config.max_queue_images})", retry
-            )
+            retry = max(1.0, round(held * per_image, 1))
+            raise Overloaded(f"{held} images are queued (limit {self.config.max_queue_size})", retry)
+        self.images_admitted += n
 
-    def submit(self, entry: TaskEntry, x: torch.Tensor, deadline: float) -> asyncio.Future[torch.Tensor]:
-        self.admit(int(x.shape[0]))
+    def withdraw(self, n: int) -> None:
+        """Give back an admission that will not be submitted (the request failed before it was queued)."""
+        self.images_admitted -= n
+
+    def submit(
+        self, entry: TaskEntry, x: torch.Tensor, deadline: float, admitted: bool = False
+    ) -> asyncio.Future[torch.Tensor]:
+        """Queue an admitted request (``admitted``), or admit and queue one in a single step."""
         n = int(x.shape[0])
+        if not admitted:
+            self.admit(n)
+        self.images_admitted -= n
+        if self.closed:
+            raise Unavailable("the engine is stopping")
         future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         self.queue.append(Pending(entry, x, deadline, future))
         self.images_waiting += n
@@ -235,13 +239,13 @@ class Scheduler:
             total += p.n
         return items
 
-    def choose(self) -> tuple[Path, list[Pending]]:
+    def choose(self) -> tuple[BatchPath, list[Pending]]:
         """The path and requests of the next batch (oldest first within each choice)."""
         by_task: dict[tuple[str, int], list[Pending]] = {}
         for p in self.queue:
             by_task.setdefault(p.entry.key, []).append(p)
-        if self.grouped_only:
-            return "onnx", self._fill(by_task[self.queue[0].entry.key])
+        if self.grouped_path is not None:
+            return self.grouped_path, self._fill(by_task[self.queue[0].entry.key])
         policy = self.config.path_policy
         if policy == "merged":
             return "merged", self._fill(by_task[self.queue[0].entry.key])
@@ -263,7 +267,7 @@ class Scheduler:
             images, cfg.merge_amortize_batches
         )
 
-    def _timed_run(self, path: Path, items: list[Pending]) -> tuple[list[Pending], list[torch.Tensor]]:
+    def _timed_run(self, path: BatchPath, items: list[Pending]) -> tuple[list[Pending], list[torch.Tensor]]:
         """On the model thread: deadlines are checked once more here, so an expired request never runs."""
         now = time.monotonic()
         items = [p for p in items if p.deadline > now and not p.future.done()]
@@ -273,14 +277,14 @@ class Scheduler:
         for p in items:
             self.metrics.queue_wait_seconds.observe(now - p.enqueued)
         start = time.perf_counter()
-        outs, merge_s = self.runner(path, items)
-        seconds = time.perf_counter() - start - merge_s
-        if merge_s:
-            self.costs.observe_merge(merge_s)
+        run = self.runner(path, items)
+        seconds = time.perf_counter() - start - run.merge_s
+        if run.merge_s:
+            self.costs.observe_merge(run.merge_s)
         self.costs.observe(path, seconds, images)
         self.metrics.batches.labels(path).inc()
         self.metrics.images.labels(path).inc(images)
         self.metrics.batch_seconds.labels(path).observe(seconds)
         self.metrics.batch_size.observe(images)
         self.metrics.tasks_per_batch.observe(len({p.entry.key for p in items}))
-        return items, outs
+        return items, run.outputs

@@ -6,13 +6,21 @@ writes, forwards and merges never race.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 import ssf
+from service.engine.backend import BatchPath, BatchRun
 from service.engine.merged import ByteLRU, MergedBuilder, build_plain, meta_skeleton
 from service.engine.metrics import EngineMetrics
-from service.engine.resident import MixedModel, SiteTables, TaskEntry, to_device
+from service.engine.mixed import MixedModel, SiteTables, to_device
+from service.engine.protocol import DeviceUnavailable
+from service.engine.residency import TaskEntry
+
+if TYPE_CHECKING:
+    from service.engine.onnx_graph import OnnxGraphs
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -21,12 +29,15 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+        raise DeviceUnavailable("device 'cuda' was asked for but torch sees no CUDA device")
     return torch.device(device)
 
 
 class TorchBackend:
     """Owns the model: resident tables, the mixed forward, and the merged-copy LRU."""
+
+    mixes = True
+    single_task_path: BatchPath = "merged"
 
     def __init__(
         self,
@@ -47,6 +58,7 @@ class TorchBackend:
         self.tables = SiteTables(self.sites, device, dtype)
         self.mixed = MixedModel(model, self.sites, self.tables)
         self.cache: ByteLRU[nn.Module] = ByteLRU("merged", max_cache_bytes, metrics)
+        self._exporter: OnnxGraphs | None = None  # built on the first export (imports onnx)
 
     # --------------------------------------------------------------------------------- residency
     def install(self, entry: TaskEntry) -> None:
@@ -56,6 +68,9 @@ class TorchBackend:
         }
         entry.row = self.tables.add(sites)
         entry.head = to_device(entry.delta.head, self.device, self.dtype)
+
+    def adopt(self, entry: TaskEntry) -> None:
+        """Nothing is built ahead of the version: merged copies are made on demand."""
 
     def release(self, entry: TaskEntry) -> None:
         self.tables.release(entry.row)
@@ -67,34 +82,42 @@ class TorchBackend:
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(device=self.device, dtype=self.dtype, non_blocking=True)
 
+    def run(self, path: BatchPath, x: torch.Tensor, groups: list[tuple[TaskEntry, int]]) -> BatchRun:
+        if path == "mixed":
+            return BatchRun(self.run_mixed(x, groups))
+        ((entry, _),) = groups
+        model, merge_s = self.merged_model(entry)
+        with torch.inference_mode():
+            return BatchRun([model(self.prepare(x)).float().cpu()], merge_s)
+
     def run_mixed(self, x: torch.Tensor, groups: list[tuple[TaskEntry, int]]) -> list[torch.Tensor]:
         return [y.float().cpu() for y in self.mixed(self.prepare(x), groups)]
 
     def merged_cached(self, entry: TaskEntry) -> bool:
         return entry.key in self.cache
 
-    def merged_model(self, entry: TaskEntry) -> nn.Module:
+    def merged_model(self, entry: TaskEntry) -> tuple[nn.Module, float]:
+        """The task's merged copy and the seconds spent building it now (0.0 when it was cached)."""
+        merge_s = 0.0
+
         def build() -> tuple[nn.Module, int]:
-            model, owned, seconds = self.builder.build(entry.delta.sites, entry.head)
-            self.metrics.merge_seconds.labels("torch").observe(seconds)
-            self.last_merge_s = seconds
+            nonlocal merge_s
+            model, owned, merge_s = self.builder.build(entry.delta.sites, entry.head)
+            self.metrics.merge_seconds.labels("torch").observe(merge_s)
             return model, owned
 
-        self.last_merge_s = 0.0
         model, _ = self.cache.get_or_build(entry.key, build)
-        return model
+        return model, merge_s
 
     @torch.inference_mode()
     def run_merged(self, entry: TaskEntry, x: torch.Tensor) -> torch.Tensor:
-        model = self.merged_model(entry)
-        return model(self.prepare(x)).float().cpu()
+        return self.run("merged", x, [(entry, int(x.shape[0]))]).outputs[0]
 
     @torch.inference_mode()
     def run_bare(self, x: torch.Tensor) -> torch.Tensor:
         return self.bare(self.prepare(x)).float().cpu()
 
     def warmup(self, example: torch.Tensor) -> None:
-        """One forward per path, so the first request pays no lazy initialisation."""
         identity = TaskEntry(stored=None, delta=None)  # type: ignore[arg-type]
         identity.head = {k: v for k, v in self.base.items() if k.startswith(self._head_prefix())}
         self.mixed(self.prepare(example), [(identity, example.shape[0])])
@@ -102,3 +125,11 @@ class TorchBackend:
 
     def _head_prefix(self) -> str:
         return ssf.head_prefix(self.bare) + "."
+
+    # ------------------------------------------------------------------------------------ export
+    def export_onnx(self, entry: TaskEntry) -> bytes:
+        if self._exporter is None:
+            from service.engine.onnx_graph import OnnxGraphs
+
+            self._exporter = OnnxGraphs(self.skeleton, self.base, self.sites)
+        return self._exporter.merged_bytes(entry.delta)

@@ -1,7 +1,10 @@
 """A fake engine that implements the EngineAPI protocol, for the route and status-code matrix.
 
 Its "delta" is JSON ({"task": ..., "labels": [...]}); any image not starting with a PNG or JPEG magic is
-undecodable. ``fail_with`` makes the next facade call raise a chosen domain error.
+undecodable. ``fail_with`` makes the next facade call raise a chosen domain error. It applies the request
+rules every engine shares (``check_top_k``, ``check_delta_size`` with its ``config``), so the HTTP layer's
+answers do not depend on which engine is behind it; ``tests/service/engine/test_protocol.py`` keeps its
+members in step with the real ``Engine``.
 """
 
 from __future__ import annotations
@@ -14,13 +17,17 @@ from prometheus_client import CollectorRegistry, Counter
 
 from service.engine.protocol import (
     BadImage,
+    EngineAPI,
     InvalidDelta,
     PredictionResult,
     Scored,
     StoredTask,
     TaskExists,
     TaskNotFound,
+    check_delta_size,
+    check_top_k,
 )
+from service.settings import EngineConfig
 
 PNG, JPEG = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
 FINGERPRINT = "sha256:" + "ab" * 32
@@ -31,20 +38,25 @@ def fake_delta(task: str = "cats", labels: list[str] | None = None) -> bytes:
 
 
 class FakeEngine:
-    def __init__(self, ready: bool = True) -> None:
+    def __init__(self, ready: bool = True, config: EngineConfig | None = None) -> None:
         self.ready = ready
+        self.config = config if config is not None else EngineConfig()
         self.started = self.stopped = False
         self.tasks: dict[str, StoredTask] = {}
         self.fail_with: Exception | None = None
         self.calls: list[tuple[str, Any]] = []
-        self.metrics_registry = CollectorRegistry()
-        self.predictions = Counter("fake_engine_predictions", "predict calls", registry=self.metrics_registry)
+        self.registry = CollectorRegistry()
+        self.predictions = Counter("fake_engine_predictions", "predict calls", registry=self.registry)
+
+    @property
+    def metrics_registry(self) -> CollectorRegistry:
+        return self.registry
 
     async def start(self) -> None:
         self.started = True
         self.ready = True
 
-    async def stop(self) -> None:
+    async def stop(self, drain_timeout_s: float = 30.0) -> None:
         self.stopped = True
         self.ready = False
 
@@ -78,6 +90,7 @@ class FakeEngine:
 
     async def add_task(self, data: bytes, name: str | None, replace: bool) -> StoredTask:
         self._maybe_fail("add_task", (name, replace))
+        check_delta_size(len(data), self.config.max_delta_bytes)
         try:
             parsed = json.loads(data)
         except ValueError:
@@ -110,8 +123,11 @@ class FakeEngine:
         if self.tasks.pop(name, None) is None:
             raise TaskNotFound(name)
 
-    async def predict(self, name: str, images: list[bytes], top_k: int) -> PredictionResult:
+    async def predict(
+        self, name: str, images: list[bytes], top_k: int = 5, timeout_s: float | None = None
+    ) -> PredictionResult:
         self._maybe_fail("predict", (name, len(images), top_k))
+        check_top_k(top_k)
         task = self.tasks.get(name)
         if task is None:
             raise TaskNotFound(name)
@@ -133,3 +149,7 @@ class FakeEngine:
         if name not in self.tasks:
             raise TaskNotFound(name)
         return b"ONNX:" + name.encode()
+
+
+def _conforms(engine: FakeEngine) -> EngineAPI:
+    return engine  # mypy checks FakeEngine against the protocol here

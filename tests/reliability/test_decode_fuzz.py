@@ -13,8 +13,9 @@ import timm
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from service.engine.images import ImageLimits, Preprocessor
+from service.engine.images import Preprocessor
 from service.engine.protocol import BadImage, ImageTooLarge, UnsupportedMediaType
+from service.settings import EngineConfig
 from tests.reliability import corpus
 
 TYPED = (BadImage, ImageTooLarge, UnsupportedMediaType)
@@ -26,7 +27,7 @@ _pre: Preprocessor | None = None
 def preprocessor() -> Preprocessor:
     global _pre
     if _pre is None:
-        _pre = Preprocessor(timm.create_model("test_vit", pretrained=False), ImageLimits())
+        _pre = Preprocessor(timm.create_model("test_vit", pretrained=False), EngineConfig())
     return _pre
 
 

@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.errors import error_response
 from service.api.schemas import ErrorBody, Status
+from service.engine.protocol import EngineAPI
 
 router = APIRouter(tags=["health"])
 
@@ -25,7 +26,7 @@ async def readyz(request: Request) -> Response:
     state = request.app.state
     if state.draining:
         return error_response(503, "draining", "the server is shutting down", {"Retry-After": "5"})
-    engine = getattr(state, "engine", None)
+    engine: EngineAPI | None = state.engine
     if state.start_error is not None:
         return error_response(503, "start_failed", "the engine failed to start; see the server log")
     if engine is None or not engine.ready:
@@ -35,13 +36,10 @@ async def readyz(request: Request) -> Response:
 
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    """Prometheus text: the HTTP metrics and, when the engine has one, the engine's registry."""
+    """Prometheus text: the HTTP metrics and, once there is an engine, the engine's registry."""
     state = request.app.state
     text = generate_latest(state.http_metrics.registry)
-    engine = getattr(state, "engine", None)
-    registry = getattr(engine, "metrics_registry", None) or getattr(
-        getattr(engine, "metrics", None), "registry", None
-    )
-    if registry is not None:
-        text += generate_latest(registry)
+    engine: EngineAPI | None = state.engine
+    if engine is not None:
+        text += generate_latest(engine.metrics_registry)
     return Response(text, media_type=CONTENT_TYPE_LATEST)

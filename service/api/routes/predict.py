@@ -11,6 +11,7 @@ from service.api.errors import ApiError
 from service.api.forms import files, media_type, only_fields, parse_multipart
 from service.api.routes.tasks import TaskName, errors
 from service.api.schemas import Prediction
+from service.engine.protocol import MAX_TOP_K
 
 router = APIRouter(prefix="/tasks", tags=["predict"])
 
@@ -52,7 +53,10 @@ async def predict(
     request: Request,
     engine: ReadyEngineDep,
     settings: SettingsDep,
-    top_k: Annotated[int, Query(ge=1, le=1000, description="labels per image")] = 5,
+    top_k: Annotated[
+        # documented here; the engine checks the range (check_top_k), so every engine answers alike
+        int, Query(description="labels per image", json_schema_extra={"minimum": 1, "maximum": MAX_TOP_K})
+    ] = 5,
 ) -> Prediction:
     """Top-k labels per image, in request order, sorted by softmax probability."""
     kind = media_type(request)

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.api.deps import Admin, EngineDep, ReadyEngineDep, SettingsDep
+from service.api.deps import Admin, EngineDep, ReadyEngineDep
 from service.api.errors import ApiError
 from service.api.forms import (
     TASK_NAME_RE,
@@ -18,7 +18,6 @@ from service.api.forms import (
     parse_multipart,
 )
 from service.api.schemas import ErrorBody, TaskInfo, TaskList
-from service.engine.protocol import DeltaTooLarge
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
@@ -69,7 +68,6 @@ async def list_tasks(engine: EngineDep) -> TaskList:
 async def upload_task(
     request: Request,
     engine: ReadyEngineDep,
-    settings: SettingsDep,
     replace: Annotated[bool, Query(description="replace an existing task with a new version")] = False,
 ) -> JSONResponse:
     """Upload a delta (multipart field ``delta``); ``name`` overrides the task name inside the file."""
@@ -90,8 +88,6 @@ async def upload_task(
         await form.close()
     if name:  # an empty field means "use the name in the file", as when it is left out
         check_task_name(name)
-    if len(deltas[0]) > settings.max_delta_bytes:
-        raise DeltaTooLarge(f"delta is {len(deltas[0])} bytes; the limit is {settings.max_delta_bytes}")
     stored = await engine.add_task(deltas[0], name or None, replace)
     info = TaskInfo.of(stored)
     return JSONResponse(

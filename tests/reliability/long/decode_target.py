@@ -25,7 +25,8 @@ with atheris.instrument_imports(include=["PIL", "service.engine.images"]):
     from PIL import ImageOps, TiffImagePlugin  # noqa: F401  (EXIF orientation)
 
     PIL.Image.init()  # the format plugins load lazily: import them here, instrumented
-    from service.engine.images import ImageLimits, Preprocessor
+    from service.engine.images import Preprocessor
+    from service.settings import EngineConfig
 
 import timm  # noqa: E402  (after the instrumented imports on purpose)
 import torch  # noqa: E402
@@ -36,7 +37,7 @@ TYPED = (BadImage, ImageTooLarge, UnsupportedMediaType)
 MAX_S = float(os.environ.get("SSF_FUZZ_MAX_S", "2"))
 ARTIFACTS = os.environ.get("SSF_FUZZ_ARTIFACTS")
 torch.set_num_threads(1)
-PRE = Preprocessor(timm.create_model("test_vit", pretrained=False), ImageLimits())
+PRE = Preprocessor(timm.create_model("test_vit", pretrained=False), EngineConfig())
 SLOWEST = [0.0]
 
 

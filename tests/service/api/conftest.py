@@ -11,7 +11,7 @@ from PIL import Image
 
 from service.api.app import create_app
 from service.settings import Settings
-from tests.service.api.fake_engine import FakeEngine, fake_delta
+from tests.helpers.engines import FakeEngine, fake_delta
 
 TOKEN = "test-admin-token-7f3a9c"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -37,13 +37,13 @@ def make_settings(**overrides: object) -> Settings:
 
 
 @pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine()
+def settings() -> Settings:
+    return make_settings()
 
 
 @pytest.fixture
-def settings() -> Settings:
-    return make_settings()
+def engine(settings: Settings) -> FakeEngine:
+    return FakeEngine(config=settings)
 
 
 @pytest.fixture

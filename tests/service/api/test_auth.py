@@ -9,8 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
+from tests.helpers.engines import FakeEngine, fake_delta
 from tests.service.api.conftest import AUTH, TOKEN, assert_error, make_settings, png
-from tests.service.api.fake_engine import FakeEngine, fake_delta
 
 # Routes anyone may call even though they are not GETs; everything else that writes is admin.
 PUBLIC_WRITES = {("post", "/tasks/{name}/predict")}

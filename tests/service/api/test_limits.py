@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from starlette.types import Message
 
 from service.api.app import create_app
+from tests.helpers.engines import FakeEngine, fake_delta
 from tests.service.api.conftest import AUTH, assert_error, make_settings, png
-from tests.service.api.fake_engine import FakeEngine, fake_delta
 
 RAW_PNG = {"Content-Type": "image/png"}
 

@@ -25,8 +25,8 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def client(weights: Path) -> Iterator[TestClient]:
     from service.engine.engine import Engine
 
-    settings = make_settings(max_delta_bytes=4 * 1024 * 1024, max_body_bytes=1024 * 1024)
-    engine = Engine(kit.MODEL, weights, MemoryStore(), device="cpu", pretrained=False)
+    settings = make_settings(max_delta_bytes=4 * 1024 * 1024, max_body_bytes=1024 * 1024, device="cpu")
+    engine = Engine(kit.MODEL, weights, MemoryStore(), config=settings, pretrained=False)
     with TestClient(create_app(settings, engine=engine), raise_server_exceptions=False) as c:
         for _ in range(600):
             if c.get("/readyz").status_code == 200:

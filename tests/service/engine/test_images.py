@@ -12,15 +12,18 @@ import pytest
 import timm
 from PIL import Image
 
-from service.engine.images import ImageLimits, Preprocessor
+from service.engine.images import Preprocessor
 from service.engine.protocol import BadImage, ImageTooLarge, UnsupportedMediaType
-from tests.service.engine.helpers import encode, images
+from service.settings import EngineConfig
+from tests.helpers.images import encode, images
 from tests.service.engine.test_tasks import run, vit_engine
 
 
 @pytest.fixture(scope="module")
 def pre() -> Preprocessor:
-    return Preprocessor(timm.create_model("test_vit", pretrained=False), ImageLimits(max_images=4))
+    return Preprocessor(
+        timm.create_model("test_vit", pretrained=False), EngineConfig(max_images_per_request=4)
+    )
 
 
 def test_every_allowed_format_and_mode_decodes(pre: Preprocessor) -> None:
@@ -70,7 +73,9 @@ def test_decompression_bomb_is_refused_before_decoding(pre: Preprocessor) -> Non
     assert len(out.getvalue()) < 1_000_000
     with pytest.raises(ImageTooLarge, match="image 0"):
         pre([out.getvalue()])
-    small_limit = Preprocessor(timm.create_model("test_vit", pretrained=False), ImageLimits(max_pixels=1000))
+    small_limit = Preprocessor(
+        timm.create_model("test_vit", pretrained=False), EngineConfig(max_image_pixels=1000)
+    )
     with pytest.raises(ImageTooLarge, match="80x60"):
         small_limit([encode("PNG", 0)])
 
@@ -96,13 +101,16 @@ def test_odd_modes_and_sizes_are_accepted(pre: Preprocessor) -> None:
 def test_count_and_byte_limits(pre: Preprocessor) -> None:
     with pytest.raises(ImageTooLarge, match="5 images"):
         pre(images(5))
-    tight = Preprocessor(timm.create_model("test_vit", pretrained=False), ImageLimits(max_image_bytes=100))
+    tight = Preprocessor(timm.create_model("test_vit", pretrained=False), EngineConfig(max_body_bytes=1024))
+    bmp = encode("BMP", 0)
+    assert len(bmp) > 1024
     with pytest.raises(ImageTooLarge, match="image 0"):
-        tight([encode("BMP", 0)])
+        tight([bmp])
 
 
 def test_engine_answers_bad_images_with_domain_errors(weights_dir: Path) -> None:
-    from tests.service.engine.helpers import FAMILY_VIT, delta_bytes, make_task
+    from tests.helpers.deltas import delta_bytes, make_task
+    from tests.helpers.models import FAMILY_VIT
 
     async def scenario(engine) -> None:  # type: ignore[no-untyped-def]
         await engine.add_task(delta_bytes(FAMILY_VIT, make_task(FAMILY_VIT, 60), "img"), None, False)

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from service.engine.engine import Engine
-from tests.service.engine.helpers import delta_bytes, images, make_task
-from tests.service.engine.helpers import reference_logits as reference
+from tests.helpers.deltas import delta_bytes, make_task
+from tests.helpers.deltas import reference_logits as reference
+from tests.helpers.images import images
 from tests.service.engine.test_tasks import FAMILY, probs, run, vit_engine
 
 TASKS, REQUESTS, REPLACED = 12, 96, (0, 5)

@@ -10,15 +10,18 @@ from typing import Any
 import pytest
 import torch
 
-from service.engine.engine import Engine, EngineLimits
-from service.engine.images import ImageLimits
+from service.engine.backend import BatchRun
+from service.engine.engine import Engine
 from service.engine.merged import ByteLRU
 from service.engine.metrics import EngineMetrics
 from service.engine.protocol import DeadlineExceeded, Overloaded, Unavailable
-from service.engine.resident import TaskEntry
-from service.engine.scheduler import Pending, Scheduler, SchedulerConfig
+from service.engine.residency import TaskEntry
+from service.engine.scheduler import Pending, Scheduler
+from service.settings import EngineConfig
 from service.store.base import StoredTask
-from tests.service.engine.helpers import FAMILY_VIT, delta_bytes, images, make_task
+from tests.helpers.deltas import delta_bytes, make_task
+from tests.helpers.images import images
+from tests.helpers.models import FAMILY_VIT
 from tests.service.engine.test_tasks import run, vit_engine
 
 
@@ -32,7 +35,7 @@ async def add(engine: Engine, *names: str) -> None:
 
 
 def block_model_thread(engine: Engine, seconds: float) -> None:
-    engine._model_thread.submit(time.sleep, seconds)
+    engine.workers.model.submit(time.sleep, seconds)
 
 
 def test_expired_requests_are_never_executed(weights_dir: Path) -> None:
@@ -67,9 +70,10 @@ def test_full_queue_answers_overloaded_at_once(weights_dir: Path) -> None:
         assert sample(engine, "ssf_engine_rejected_total", reason="queue_full") == 1
         assert all(r.version == 1 for r in await asyncio.gather(first, *queued))
 
-    limits = EngineLimits(images=ImageLimits(max_images=2))
     run(
-        vit_engine(weights_dir, path_policy="mixed", max_queue_images=4, max_batch_size=2, limits=limits),
+        vit_engine(
+            weights_dir, path_policy="mixed", max_queue_size=4, max_batch_size=2, max_images_per_request=2
+        ),
         scenario,
     )
 
@@ -149,11 +153,11 @@ def _pending(name: str, n: int) -> Pending:
 
 
 def _scheduler(cached: set[str] | None = None, **config: Any) -> Scheduler:
-    cfg = SchedulerConfig(**{"max_batch_size": 8, "merged_min_batch": 4, **config})
+    cfg = EngineConfig(**{"max_batch_size": 8, "merged_min_batch": 4, **config})
     cached = cached or set()
     return Scheduler(
         cfg,
-        lambda path, items: ([], 0.0),
+        lambda path, items: BatchRun([]),
         None,
         EngineMetrics(),
         lambda e: e.name in cached,  # type: ignore[arg-type]

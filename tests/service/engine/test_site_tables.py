@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import ssf
-from service.engine.resident import SiteTables
+from service.engine.mixed import SiteTables
 
 
 def site(path: str, channels: int) -> ssf.Site:

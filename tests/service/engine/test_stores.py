@@ -10,17 +10,19 @@ from pathlib import Path
 import pytest
 
 from service.engine.engine import Engine
+from service.settings import EngineConfig
 from service.store import open_store
-from tests.conftest import RedisServer
-from tests.service.engine.helpers import MODELS, backbone_file, delta_bytes, images, make_task
+from tests.helpers.deltas import delta_bytes, make_task
+from tests.helpers.images import images
+from tests.helpers.models import MODELS, backbone_file
+from tests.helpers.servers import RedisServer
 
 FAMILY = "vit"
 
 
 def engine_on(store_spec: str, weights_dir: Path) -> Engine:
-    return Engine(
-        MODELS[FAMILY], backbone_file(FAMILY, weights_dir), open_store(store_spec), reconcile_interval_s=3600
-    )
+    config = EngineConfig(reconcile_interval_s=3600)
+    return Engine(MODELS[FAMILY], backbone_file(FAMILY, weights_dir), open_store(store_spec), config=config)
 
 
 async def eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
@@ -44,7 +46,7 @@ def test_local_store_tasks_survive_a_restart(tmp_path: Path, weights_dir: Path) 
         await second.start()
         try:
             assert [(t.name, t.version) for t in second.list_tasks()] == [("kept", 2)]
-            assert second._resident["kept"].version == 2  # loaded and validated at start
+            assert second.residency.entries["kept"].version == 2  # loaded and validated at start
             assert (await second.predict("kept", images(1), 2)).version == 2
         finally:
             await second.stop()
@@ -62,12 +64,12 @@ def test_replicas_on_redis_follow_each_other_by_hints(redis_server: RedisServer,
         await b.start()
         try:
             await a.add_task(delta_bytes(FAMILY, v1, "fleet"), None, replace=False)
-            await eventually(lambda: "fleet" in b._resident)  # no reconcile call: the hint did it
+            await eventually(lambda: "fleet" in b.residency.entries)  # no reconcile call: the hint did it
             await a.add_task(delta_bytes(FAMILY, v2, "fleet"), None, replace=True)
-            await eventually(lambda: b._resident["fleet"].version == 2)
+            await eventually(lambda: b.residency.entries["fleet"].version == 2)
             assert (await b.predict("fleet", images(1), 1)).version == 2
             await a.delete_task("fleet")
-            await eventually(lambda: "fleet" not in b._resident)
+            await eventually(lambda: "fleet" not in b.residency.entries)
         finally:
             await a.stop()
             await b.stop()
