@@ -100,7 +100,7 @@ def test_compose_replicas_use_real_flags_and_settings() -> None:
         args = parse_cli([interpolate(a) for a in svc["command"]])
         env = {k: str(v) for k, v in svc["environment"].items()}
         assert "SSF_ADMIN_TOKEN" not in env, f"{name}: the token belongs in the env file"
-        assert svc["env_file"] == ".env"
+        assert interpolate(svc["env_file"]) == ".env"
         settings = check_settings(args, env)
         assert settings.store == "redis://redis:6379/0" and "redis" in compose()["services"]
         assert str(settings.port) in svc["expose"]
