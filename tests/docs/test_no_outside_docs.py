@@ -2,7 +2,7 @@
 
 A person who clones the repo has only what is tracked: a docstring, comment or README that cites a design
 note, a spec or a contract kept elsewhere sends them nowhere. Point at docs/api.md, docs/architecture.md,
-docs/cli.md, a README or RELIABILITY.md/BENCHMARKS.md instead.
+docs/cli.md, a README, RELIABILITY.md or BENCHMARKS.md instead.
 """
 
 from __future__ import annotations
