@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import re
 from collections.abc import Iterator
+from functools import cache
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ DOC = "docs/api.md"
 HEADING = re.compile(r"^(GET|POST|PUT|PATCH|DELETE) (/\S*)$")
 
 
+@cache
 def apps() -> list[FastAPI]:
     """Predict declares auth only when client tokens are configured: build both variants."""
     return [
@@ -33,6 +35,7 @@ def apps() -> list[FastAPI]:
     ]
 
 
+@cache
 def schema_operations() -> dict[tuple[str, str], dict[str, Any]]:
     ops: dict[tuple[str, str], dict[str, Any]] = {}
     for app in apps():
@@ -55,6 +58,7 @@ def flatten(routes: list[BaseRoute], prefix: str = "") -> Iterator[tuple[str, st
             yield from flatten(route.original_router.routes, prefix + (getattr(context, "prefix", "") or ""))
 
 
+@cache
 def route_table() -> set[tuple[str, str]]:
     return {pair for app in apps() for pair in flatten(app.routes)}
 
@@ -110,6 +114,7 @@ def test_every_status_code_and_field_of_a_route_is_documented(key: tuple[str, st
                 assert re.search(rf"\b{model}\b", body), f"{key[0]} {key[1]}: {model} not named"
 
 
+@cache
 def component_schemas() -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for app in apps():
@@ -173,6 +178,7 @@ def codes_in_source(tree: ast.AST) -> Iterator[str]:
                 yield from _strings(node.value)
 
 
+@cache
 def product_error_codes() -> dict[str, str]:
     """Every error code string in the product source -> the first file that has it."""
     found: dict[str, str] = {}
