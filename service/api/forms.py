@@ -13,6 +13,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service.api.errors import ApiError
+from service.engine.protocol import check_task_name as check_name
 from service.store.base import TASK_NAME
 
 # The registry's pattern (the same as ssf.delta.TASK_NAME_RE; a test keeps them equal), taken from the
@@ -27,10 +28,7 @@ def check_task_name(
         Path(json_schema_extra={"pattern": TASK_NAME_RE.pattern, "maxLength": 63}),
     ],
 ) -> str:
-    if not TASK_NAME_RE.fullmatch(name):  # fullmatch: "$" alone would let "name\n" through
-        shown = name if len(name) <= 80 else name[:80] + "..."
-        raise ApiError(422, "invalid_task_name", f"task name {shown!r} must match {TASK_NAME_RE.pattern}")
-    return name
+    return check_name(name)  # 422 invalid_task_name
 
 
 def media_type(request: Request) -> str:

@@ -32,9 +32,9 @@ from service.engine.metrics import EngineMetrics
 from service.engine.protocol import (
     BackboneUnusable,
     InvalidDelta,
-    InvalidParameter,
     PredictionResult,
     Unavailable,
+    check_task_name,
     check_top_k,
 )
 from service.engine.replicas import ReplicaFollower
@@ -42,7 +42,7 @@ from service.engine.residency import Residency
 from service.engine.scheduler import Pending, Scheduler
 from service.engine.workers import Workers
 from service.settings import EngineConfig
-from service.store.base import TASK_NAME, StoredTask, TaskStore
+from service.store.base import StoredTask, TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +155,7 @@ class Engine:
     async def add_task(self, data: bytes, name: str | None, replace: bool) -> StoredTask:
         self._require_started()
         delta = await self.workers.on_cpu(self.residency.validate, data)
-        task = name if name else delta.task
-        if not TASK_NAME.fullmatch(task):
-            raise InvalidParameter(f"task name {task[:80]!r} must match {TASK_NAME.pattern}")
+        task = check_task_name(name if name else delta.task)
         info = {
             "num_classes": delta.num_classes,
             "labels": delta.labels,

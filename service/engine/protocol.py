@@ -11,7 +11,14 @@ from typing import Any, Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry
 
-from service.store.base import StoredTask, StoreError, StoreUnavailable, TaskExists, TaskNotFound
+from service.store.base import (
+    TASK_NAME,
+    StoredTask,
+    StoreError,
+    StoreUnavailable,
+    TaskExists,
+    TaskNotFound,
+)
 
 
 class EngineError(Exception):
@@ -93,6 +100,17 @@ MAX_TOP_K = 1000  # the most labels per image a prediction may ask for
 def check_top_k(top_k: int) -> None:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
         raise InvalidParameter(f"top_k must be an integer from 1 to {MAX_TOP_K}")
+
+
+def check_task_name(name: str) -> str:
+    """A name a client chose (a URL path, an upload's ``name`` or the name inside the delta) against the
+    registry's pattern; ``fullmatch``, since ``$`` alone would let "name\\n" through."""
+    if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
+        shown = str(name) if len(str(name)) <= 80 else str(name)[:80] + "..."
+        raise InvalidParameter(
+            f"task name {shown!r} must match {TASK_NAME.pattern}", code="invalid_task_name"
+        )
+    return name
 
 
 def check_delta_size(size: int, limit: int) -> None:
@@ -177,5 +195,6 @@ __all__ = [
     "Unavailable",
     "UnsupportedMediaType",
     "check_delta_size",
+    "check_task_name",
     "check_top_k",
 ]

@@ -25,6 +25,7 @@ from service.engine.protocol import (
     TaskExists,
     TaskNotFound,
     check_delta_size,
+    check_task_name,
     check_top_k,
 )
 from service.settings import EngineConfig
@@ -95,7 +96,7 @@ class FakeEngine:
             parsed = json.loads(data)
         except ValueError:
             raise InvalidDelta("not an ssf-delta file", code="malformed_delta") from None
-        task = name or parsed["task"]
+        task = check_task_name(name or parsed["task"])
         current = self.tasks.get(task)
         if current is not None and not replace:
             raise TaskExists(task)

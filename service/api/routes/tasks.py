@@ -86,8 +86,7 @@ async def upload_task(
             raise ApiError(422, "invalid_parameter", "field 'name' must be text, not a file")
     finally:
         await form.close()
-    if name:  # an empty field means "use the name in the file", as when it is left out
-        check_task_name(name)
+    # an empty name means "use the name in the file", as when it is left out; the engine checks either
     stored = await engine.add_task(deltas[0], name or None, replace)
     info = TaskInfo.of(stored)
     return JSONResponse(

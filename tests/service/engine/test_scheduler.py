@@ -214,3 +214,21 @@ def test_requests_caught_mid_decode_by_stop_are_answered_not_hung(weights_dir: P
             assert not isinstance(outcome, BaseException) or isinstance(outcome, Unavailable), outcome
 
     asyncio.run(scenario())
+
+
+def test_admission_is_checked_once_and_held_until_submitted_or_withdrawn() -> None:
+    s = _scheduler(max_queue_size=4, max_images_per_request=4)
+    s.admit(3)  # a request decoding: nothing queued yet, but its room is taken
+    with pytest.raises(Overloaded):
+        s.admit(2)
+    s.withdraw(3)  # it failed before it was queued: the room comes back
+    s.admit(4)
+    entry = _pending("a", 4).entry
+
+    async def queue() -> None:
+        s.submit(entry, torch.zeros(4, 1), time.monotonic() + 60, admitted=True)  # no second check
+
+    asyncio.run(queue())
+    assert (s.images_admitted, s.images_waiting) == (0, 4)
+    with pytest.raises(Overloaded):
+        s.admit(1)
