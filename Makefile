@@ -54,5 +54,14 @@ soak:
 	$(PY) -m tests.reliability.long.slowloris --conns 50
 	$(PY) -m tests.reliability.long.fuzz_decode --seconds 300
 
+# Long tier (about 15-25 min; needs root): build the images (official bases, or Debian-built ones from
+# deploy/local-bases.sh when no registry answers) and run docker-compose.yml for real with podman-compose
+# (docker compose where a Docker engine answers), checked through nginx. deploy/README.md has the numbers.
+.PHONY: compose-e2e
+compose-e2e:
+	@command -v podman >/dev/null || docker info >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq podman runc netavark aardvark-dns mmdebstrap)
+	@docker info >/dev/null 2>&1 || $(PIP) install -q "podman-compose==1.6.0"
+	SSF_COMPOSE_E2E=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/containers $(PYTEST_ARGS)
+
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
