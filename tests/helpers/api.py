@@ -23,7 +23,7 @@ def make_settings(**overrides: object) -> Settings:
 
 
 def assert_error(response: object, status: int, code: str | None = None) -> dict[str, str]:
-    """The error shape (``{"error": {"code", "message"}}``), the status, and (when given) the code."""
+    """The documented error shape (docs/api.md), the status, and (when given) the code."""
     r = response
     assert r.status_code == status, (r.status_code, r.text)  # type: ignore[attr-defined]
     body = r.json()  # type: ignore[attr-defined]

@@ -9,8 +9,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
+from tests.helpers.api import AUTH, TOKEN, assert_error, make_settings
 from tests.helpers.engines import FakeEngine, fake_delta
-from tests.service.api.conftest import AUTH, TOKEN, assert_error, make_settings, png
+from tests.helpers.images import png
 
 # Routes anyone may call even though they are not GETs; everything else that writes is admin.
 PUBLIC_WRITES = {("post", "/tasks/{name}/predict")}

@@ -9,8 +9,9 @@ from fastapi.testclient import TestClient
 
 from service.client import Client, SSFError
 from service.engine import protocol as p
+from tests.helpers.api import TOKEN
 from tests.helpers.engines import FakeEngine, fake_delta
-from tests.service.api.conftest import TOKEN, png
+from tests.helpers.images import png
 
 
 def test_client_round_trip(client: TestClient, engine: FakeEngine, tmp_path: Path) -> None:

@@ -12,8 +12,9 @@ from fastapi.testclient import TestClient
 from starlette.types import Message
 
 from service.api.app import create_app
+from tests.helpers.api import AUTH, assert_error, make_settings
 from tests.helpers.engines import FakeEngine, fake_delta
-from tests.service.api.conftest import AUTH, assert_error, make_settings, png
+from tests.helpers.images import png
 
 RAW_PNG = {"Content-Type": "image/png"}
 

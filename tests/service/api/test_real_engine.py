@@ -11,14 +11,16 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
-from tests.service.api import kit
-from tests.service.api.conftest import AUTH, assert_error, make_settings
-from tests.service.engine.helpers import MemoryStore
+from tests.helpers.api import AUTH, assert_error, make_settings
+from tests.helpers.deltas import task_delta
+from tests.helpers.images import encode
+from tests.helpers.models import MODEL, backbone_file
+from tests.helpers.stores import MemoryStore
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return kit.backbone_file(tmp_path_factory.mktemp("backbone"))
+    return backbone_file("vit", tmp_path_factory.mktemp("backbone"))
 
 
 @pytest.fixture
@@ -26,7 +28,7 @@ def client(weights: Path) -> Iterator[TestClient]:
     from service.engine.engine import Engine
 
     settings = make_settings(max_delta_bytes=4 * 1024 * 1024, max_body_bytes=1024 * 1024, device="cpu")
-    engine = Engine(kit.MODEL, weights, MemoryStore(), config=settings, pretrained=False)
+    engine = Engine(MODEL, weights, MemoryStore(), config=settings, pretrained=False)
     with TestClient(create_app(settings, engine=engine), raise_server_exceptions=False) as c:
         for _ in range(600):
             if c.get("/readyz").status_code == 200:
@@ -38,13 +40,11 @@ def client(weights: Path) -> Iterator[TestClient]:
 
 def test_upload_predict_replace_delete(client: TestClient, weights: Path) -> None:
     backbone = client.get("/backbone").json()
-    assert backbone["model"] == kit.MODEL and backbone["fingerprint"].startswith("sha256:")
-    r = client.post(
-        "/tasks", files={"delta": ("d.safetensors", kit.delta_bytes(weights, "cats", 1))}, headers=AUTH
-    )
+    assert backbone["model"] == MODEL and backbone["fingerprint"].startswith("sha256:")
+    r = client.post("/tasks", files={"delta": ("d.safetensors", task_delta("cats", 1))}, headers=AUTH)
     assert r.status_code == 201, r.text
     assert r.json()["backbone_fingerprint"] == backbone["fingerprint"]
-    images = [("image", ("a.png", kit.image("PNG", 1))), ("image", ("b.jpg", kit.image("JPEG", 2)))]
+    images = [("image", ("a.png", encode("PNG", 1))), ("image", ("b.jpg", encode("JPEG", 2)))]
     first = client.post("/tasks/cats/predict?top_k=3", files=images)
     assert first.status_code == 200, first.text
     body = first.json()
@@ -54,7 +54,7 @@ def test_upload_predict_replace_delete(client: TestClient, weights: Path) -> Non
 
     r = client.post(
         "/tasks?replace=true",
-        files={"delta": ("d.safetensors", kit.delta_bytes(weights, "cats", 2))},
+        files={"delta": ("d.safetensors", task_delta("cats", 2))},
         headers=AUTH,
     )
     assert r.status_code == 201 and r.json()["version"] == 2
@@ -67,24 +67,20 @@ def test_upload_predict_replace_delete(client: TestClient, weights: Path) -> Non
 
 
 def test_real_engine_refusals_are_4xx(client: TestClient, weights: Path, tmp_path: Path) -> None:
-    client.post("/tasks", files={"delta": ("d", kit.delta_bytes(weights, "cats", 1))}, headers=AUTH)
-    other = kit.backbone_file(tmp_path, seed=5)
-    err = assert_error(
-        client.post("/tasks", files={"delta": ("d", kit.delta_bytes(other, "dogs", 1))}, headers=AUTH), 422
-    )
+    client.post("/tasks", files={"delta": ("d", task_delta("cats", 1))}, headers=AUTH)
+    other = task_delta("dogs", 1, backbone_seed=5)  # made for another backbone
+    err = assert_error(client.post("/tasks", files={"delta": ("d", other)}, headers=AUTH), 422)
     assert "fingerprint" in err["code"] + err["message"]
     assert_error(client.post("/tasks", files={"delta": ("d", b"not a delta")}, headers=AUTH), 422)
-    assert_error(
-        client.post("/tasks", files={"delta": ("d", kit.delta_bytes(weights, "cats", 3))}, headers=AUTH), 409
-    )
+    assert_error(client.post("/tasks", files={"delta": ("d", task_delta("cats", 3))}, headers=AUTH), 409)
     err = assert_error(
         client.post(
-            "/tasks/cats/predict", files=[("image", ("a", kit.image("PNG", 1))), ("image", ("b", b"xx"))]
+            "/tasks/cats/predict", files=[("image", ("a", encode("PNG", 1))), ("image", ("b", b"xx"))]
         ),
         400,
     )
     assert "1" in err["message"]
-    gif = kit.image("GIF", 3)
+    gif = encode("GIF", 3)
     r = client.post("/tasks/cats/predict", content=gif, headers={"Content-Type": "image/gif"})
     assert r.status_code in (400, 415), r.text
 
@@ -101,8 +97,8 @@ def _bomb_png(width: int, height: int) -> bytes:
 
 
 def hostile_images() -> list[tuple[str, bytes]]:
-    png, jpeg = kit.image("PNG", 9), kit.image("JPEG", 9)
-    cases = [("empty", b""), ("text", b"hello"), ("gif", kit.image("GIF", 1)), ("tiff", kit.image("TIFF", 1))]
+    png, jpeg = encode("PNG", 9), encode("JPEG", 9)
+    cases = [("empty", b""), ("text", b"hello"), ("gif", encode("GIF", 1)), ("tiff", encode("TIFF", 1))]
     cases += [(f"png-cut-{f}", png[: int(len(png) * f)]) for f in (0.1, 0.5, 0.99)]
     cases += [(f"jpeg-cut-{f}", jpeg[: int(len(jpeg) * f)]) for f in (0.1, 0.5, 0.99)]
     cases += [("bomb-30k", _bomb_png(30_000, 30_000)), ("bomb-65535x1", _bomb_png(65_535, 1))]
@@ -114,7 +110,7 @@ def hostile_images() -> list[tuple[str, bytes]]:
 
 
 def test_hostile_images_are_4xx_never_5xx(client: TestClient, weights: Path) -> None:
-    client.post("/tasks", files={"delta": ("d", kit.delta_bytes(weights, "cats", 1))}, headers=AUTH)
+    client.post("/tasks", files={"delta": ("d", task_delta("cats", 1))}, headers=AUTH)
     for label, data in hostile_images():
         for r in (
             client.post("/tasks/cats/predict", files={"image": ("x", data)}),
@@ -133,12 +129,12 @@ def test_onnx_download_runs_and_matches_the_server(client: TestClient, weights: 
     import onnxruntime as ort
     import torch
 
-    client.post("/tasks", files={"delta": ("d", kit.delta_bytes(weights, "cats", 4))}, headers=AUTH)
+    client.post("/tasks", files={"delta": ("d", task_delta("cats", 4))}, headers=AUTH)
     r = client.get("/tasks/cats/model.onnx", headers=AUTH)
     assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
     session = ort.InferenceSession(r.content, providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]
-    png = kit.image("PNG", 11)
+    png = encode("PNG", 11)
     served = client.post("/tasks/cats/predict?top_k=1", files={"image": ("a.png", png)}).json()
     engine = client.app.state.engine  # type: ignore[attr-defined]  # its preprocessing, to feed ONNX
     x = engine.preprocess([png]) if callable(getattr(engine, "preprocess", None)) else None
@@ -165,8 +161,8 @@ def test_app_builds_its_engine_from_settings_onnx_backend(weights: Path, tmp_pat
                 break
             time.sleep(0.05)
         assert c.get("/backbone").json()["backend"] == "onnx"
-        r = c.post("/tasks", files={"delta": ("d", kit.delta_bytes(weights, "cats", 1))}, headers=AUTH)
+        r = c.post("/tasks", files={"delta": ("d", task_delta("cats", 1))}, headers=AUTH)
         assert r.status_code == 201, r.text
-        r = c.post("/tasks/cats/predict", files={"image": ("a.png", kit.image("PNG", 1))})
+        r = c.post("/tasks/cats/predict", files={"image": ("a.png", encode("PNG", 1))})
         assert r.status_code == 200 and r.json()["version"] == 1
     assert any((tmp_path / "store").iterdir())  # the upload landed in the store directory

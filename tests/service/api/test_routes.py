@@ -9,8 +9,9 @@ from service.api.app import create_app
 from service.api.errors import STATUS
 from service.engine import protocol as p
 from service.store.base import InvalidTaskName
+from tests.helpers.api import AUTH, assert_error, make_settings
 from tests.helpers.engines import JPEG, FakeEngine, fake_delta
-from tests.service.api.conftest import AUTH, assert_error, make_settings, png
+from tests.helpers.images import png
 
 TASK_KEYS = {
     "name",
