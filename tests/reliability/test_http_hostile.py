@@ -24,19 +24,21 @@ import httpx
 import pytest
 from PIL import Image
 
+from tests.helpers.api import AUTH, TOKEN
+from tests.helpers.deltas import task_delta
+from tests.helpers.images import encode
+from tests.helpers.models import MODEL, backbone_file
+from tests.helpers.servers import Server, start, stop
 from tests.reliability import corpus
-from tests.service.api import kit
-from tests.service.api.test_e2e import TOKEN, Server, start_server, stop
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TASK = "cats"
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return kit.backbone_file(tmp_path_factory.mktemp("rel-backbone"))
+    return backbone_file("vit", tmp_path_factory.mktemp("rel-backbone"))
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +48,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(root: Path, weights: Path) -> Iterator[Server]:
-    s = start_server(root, weights)
-    r = httpx.post(
-        s.url + "/tasks", headers=AUTH, files={"delta": ("d.safetensors", kit.delta_bytes(weights, TASK, 1))}
-    )
+    s = start(root, weights, log_level="debug")
+    r = httpx.post(s.url + "/tasks", headers=AUTH, files={"delta": ("d.safetensors", task_delta(TASK, 1))})
     assert r.status_code == 201, r.text
     yield s
     stop(s)
@@ -177,7 +177,7 @@ def test_s4_delta_over_limit(server: Server) -> None:
 
 
 def test_s4_too_many_images(server: Server) -> None:
-    img = kit.image("PNG", 1, (8, 8))
+    img = encode("PNG", 1, (8, 8))
     files = [("image", (f"{i}.png", img, "image/png")) for i in range(65)]
     with httpx.Client(base_url=server.url, timeout=30) as c:
         r = c.post(f"/tasks/{TASK}/predict", files=files)
@@ -206,8 +206,8 @@ def test_s4_many_multipart_fields(server: Server) -> None:
 
 
 def test_s6_hostile_deltas(server: Server, root: Path, weights: Path) -> None:
-    probe = kit.image("PNG", 5)
-    valid = kit.delta_bytes(weights, "hostile", 3)
+    probe = encode("PNG", 5)
+    valid = task_delta("hostile", 3)
     with httpx.Client(base_url=server.url, timeout=60) as c:
         before_scores = scores(c, probe)
         before_tasks = c.get("/tasks").json()
@@ -243,7 +243,7 @@ def admin_routes() -> list[tuple[str, str]]:
     from service.api.deps import require_admin
     from service.settings import Settings
 
-    app = create_app(Settings(model=kit.MODEL, admin_token="x"))
+    app = create_app(Settings(model=MODEL, admin_token="x"))
 
     def needs_admin(dep) -> bool:  # type: ignore[no-untyped-def]
         return dep.call is require_admin or any(needs_admin(d) for d in dep.dependencies)
@@ -270,7 +270,7 @@ def all_routes() -> list[tuple[str, str]]:
     from service.api.app import create_app
     from service.settings import Settings
 
-    return [(m, p) for m, p, _ in api_routes(create_app(Settings(model=kit.MODEL, admin_token="x")).routes)]
+    return [(m, p) for m, p, _ in api_routes(create_app(Settings(model=MODEL, admin_token="x")).routes)]
 
 
 ADMIN_ROUTES = admin_routes()

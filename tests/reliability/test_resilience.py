@@ -14,19 +14,22 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import RedisServer
-from tests.reliability import serve
-from tests.service.api import kit
+from tests.helpers import servers
+from tests.helpers.api import AUTH
+from tests.helpers.deltas import task_delta
+from tests.helpers.images import encode
+from tests.helpers.models import backbone_file
+from tests.helpers.servers import RedisServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 TASK = "cats"
-IMG = kit.image("PNG", 3)
+IMG = encode("PNG", 3)
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return kit.backbone_file(tmp_path_factory.mktemp("rel-r-backbone"))
+    return backbone_file("vit", tmp_path_factory.mktemp("rel-r-backbone"))
 
 
 def p99(xs: list[float]) -> float:
@@ -69,9 +72,9 @@ QUEUE_TIMEOUT_S = 1.0
 
 
 @pytest.fixture(scope="module")
-def overload_server(tmp_path_factory: pytest.TempPathFactory, weights: Path) -> Iterator[serve.Server]:
+def overload_server(tmp_path_factory: pytest.TempPathFactory, weights: Path) -> Iterator[servers.Server]:
     tmp = tmp_path_factory.mktemp("rel-r1")
-    s = serve.start(
+    s = servers.start(
         tmp,
         weights,
         request_timeout_s=QUEUE_TIMEOUT_S,
@@ -79,12 +82,12 @@ def overload_server(tmp_path_factory: pytest.TempPathFactory, weights: Path) -> 
         max_batch_size=8,
         max_images_per_request=16,
     )
-    assert serve.upload(s.url, kit.delta_bytes(weights, TASK, 1)).status_code == 201
+    assert servers.upload(s.url, task_delta(TASK, 1)).status_code == 201
     yield s
-    serve.stop(s)
+    servers.stop(s)
 
 
-def test_r1_r10_overload(overload_server: serve.Server) -> None:
+def test_r1_r10_overload(overload_server: servers.Server) -> None:
     url = overload_server.url
     with httpx.Client(base_url=url, timeout=30) as c:
         for _ in range(5):
@@ -97,9 +100,9 @@ def test_r1_r10_overload(overload_server: serve.Server) -> None:
     # saturation: concurrency 4 for 3 s (the model runs batches; this is its throughput)
     sat = asyncio.run(blast(url, 4, 3.0, 5000))
     sat_rps = sum(1 for s, _, _ in sat if s == 200) / 3.0
-    images0 = serve.metric(url, "ssf_engine_images_total")
+    images0 = servers.metric(url, "ssf_engine_images_total")
     results = asyncio.run(blast(url, 48, 8.0, 20000))  # ~12x the saturating concurrency
-    images1 = serve.metric(url, "ssf_engine_images_total")
+    images1 = servers.metric(url, "ssf_engine_images_total")
     ok = [dt for s, dt, _ in results if s == 200]
     rejected = [(s, h) for s, _, h in results if s != 200]
     bad = [s for s, h in rejected if s not in (429, 503) or "retry-after" not in h]
@@ -115,8 +118,8 @@ def test_r1_r10_overload(overload_server: serve.Server) -> None:
     # No admitted request waited in the queue longer than the queue timeout (server-side histogram). The
     # client-side p99 is printed, not asserted: the 48-coroutine client shares the 2 cores with the server,
     # so its own scheduling delay lands in its timings (RELIABILITY.md records the numbers).
-    waits_le = serve.metric(url, "ssf_engine_queue_wait_seconds_bucket", f'le="{QUEUE_TIMEOUT_S}"')
-    waits_all = serve.metric(url, "ssf_engine_queue_wait_seconds_count")
+    waits_le = servers.metric(url, "ssf_engine_queue_wait_seconds_bucket", f'le="{QUEUE_TIMEOUT_S}"')
+    waits_all = servers.metric(url, "ssf_engine_queue_wait_seconds_count")
     print(
         f"R1: queue waits <= {QUEUE_TIMEOUT_S} s: {waits_le:.0f} of {waits_all:.0f}; client p99 within "
         f"2x unloaded + timeout: {p99(ok) <= 2 * p99(unloaded) + QUEUE_TIMEOUT_S}"
@@ -124,7 +127,7 @@ def test_r1_r10_overload(overload_server: serve.Server) -> None:
     assert waits_all > 0 and waits_le == waits_all
     # R10: every executed image answered 200; none whose deadline passed was run
     executed = images1 - images0
-    expired = serve.metric(url, "ssf_engine_rejected_total", 'reason="deadline"')
+    expired = servers.metric(url, "ssf_engine_rejected_total", 'reason="deadline"')
     print(
         f"R10: {executed:.0f} images executed during the overload, {len(ok)} answered 200; "
         f"{expired:.0f} requests dropped at their deadline"
@@ -139,8 +142,8 @@ def test_r1_r10_overload(overload_server: serve.Server) -> None:
 
 
 def test_r6_sigterm_under_load(tmp_path: Path, weights: Path) -> None:
-    s = serve.start(tmp_path, weights, drain_delay_s=1.0, graceful_timeout_s=20)
-    assert serve.upload(s.url, kit.delta_bytes(weights, TASK, 1)).status_code == 201
+    s = servers.start(tmp_path, weights, drain_delay_s=1.0, graceful_timeout_s=20)
+    assert servers.upload(s.url, task_delta(TASK, 1)).status_code == 201
     outcomes: list[str] = []
     ready_flip: list[float] = []
     stop_at = time.monotonic() + 20
@@ -199,9 +202,9 @@ def test_r9_liveness_never_depends_on_redis(tmp_path: Path, weights: Path) -> No
     rs = RedisServer(tmp_path / "redis")
     (tmp_path / "redis").mkdir()
     rs.start()
-    s = serve.start(tmp_path, weights, store=rs.url)
+    s = servers.start(tmp_path, weights, store=rs.url)
     try:
-        assert serve.upload(s.url, kit.delta_bytes(weights, TASK, 1)).status_code == 201
+        assert servers.upload(s.url, task_delta(TASK, 1)).status_code == 201
         with httpx.Client(base_url=s.url, timeout=30) as c:
             first = predict(c)
             assert first.status_code == 200
@@ -216,8 +219,8 @@ def test_r9_liveness_never_depends_on_redis(tmp_path: Path, weights: Path) -> No
             t0 = time.perf_counter()
             r = c.post(
                 "/tasks?replace=true",
-                headers=serve.AUTH,
-                files={"delta": ("d.safetensors", kit.delta_bytes(weights, TASK, 2))},
+                headers=AUTH,
+                files={"delta": ("d.safetensors", task_delta(TASK, 2))},
             )
             admin_s = time.perf_counter() - t0
             ready_down = c.get("/readyz").status_code
@@ -243,8 +246,7 @@ def test_r9_liveness_never_depends_on_redis(tmp_path: Path, weights: Path) -> No
             while time.monotonic() - t_up < 10:
                 if (
                     c.get("/readyz").status_code == 200
-                    and serve.upload(s.url, kit.delta_bytes(weights, TASK, 2), replace=True).status_code
-                    == 201
+                    and servers.upload(s.url, task_delta(TASK, 2), replace=True).status_code == 201
                 ):
                     break
                 time.sleep(0.2)
@@ -252,14 +254,14 @@ def test_r9_liveness_never_depends_on_redis(tmp_path: Path, weights: Path) -> No
             print(f"R9: after Redis returned, admin works again in {back:.2f} s")
             assert back < 10
     finally:
-        serve.stop(s)
+        servers.stop(s)
         rs.kill()
 
 
 def test_r9_start_with_redis_down(tmp_path: Path, weights: Path) -> None:
     rs = RedisServer(tmp_path / "redis")
     (tmp_path / "redis").mkdir()
-    s = serve.start(tmp_path, weights, store=rs.url, wait_ready=False)
+    s = servers.start(tmp_path, weights, store=rs.url, wait_ready=False)
     try:
         with httpx.Client(base_url=s.url, timeout=10) as c:
             assert c.get("/healthz").status_code == 200
@@ -268,12 +270,12 @@ def test_r9_start_with_redis_down(tmp_path: Path, weights: Path) -> None:
             # (loaded tasks keep serving while it is down)
             ready_before = c.get("/readyz").status_code
             assert ready_before == 200
-            up = serve.upload(s.url, kit.delta_bytes(weights, TASK, 1))
+            up = servers.upload(s.url, task_delta(TASK, 1))
             assert up.status_code == 503 and "retry-after" in up.headers, up.text
             rs.start()
             t0 = time.monotonic()
             while time.monotonic() - t0 < 15:
-                if serve.upload(s.url, kit.delta_bytes(weights, TASK, 1)).status_code == 201:
+                if servers.upload(s.url, task_delta(TASK, 1)).status_code == 201:
                     break
                 time.sleep(0.1)
             took = time.monotonic() - t0
@@ -284,7 +286,7 @@ def test_r9_start_with_redis_down(tmp_path: Path, weights: Path) -> None:
             assert predict(c).status_code == 200
             assert took <= 5.0
     finally:
-        serve.stop(s)
+        servers.stop(s)
         rs.kill()
 
 
@@ -293,31 +295,31 @@ def test_r9_start_with_redis_down(tmp_path: Path, weights: Path) -> None:
 
 def reference_scores(weights: Path, store_tmp: Path, seeds: range) -> dict[int, list[float]]:
     """Reference scores per version, from a private server that loads each version in turn."""
-    ref = serve.start(store_tmp, weights)
+    ref = servers.start(store_tmp, weights)
     out = {}
     try:
         with httpx.Client(base_url=ref.url, timeout=30) as c:
             for v, seed in enumerate(seeds, 1):
-                r = serve.upload(ref.url, kit.delta_bytes(weights, "hot", seed), replace=v > 1)
+                r = servers.upload(ref.url, task_delta("hot", seed), replace=v > 1)
                 assert r.status_code == 201 and r.json()["version"] == v, r.text
                 p = predict(c, "hot").json()
                 out[v] = [round(x["score"], 4) for x in sorted(p["predictions"][0], key=lambda x: x["index"])]
     finally:
-        serve.stop(ref)
+        servers.stop(ref)
     return out
 
 
 def test_r2_r4_hot_swap_under_load_two_replicas(tmp_path: Path, weights: Path) -> None:
     swaps = 30
     seeds = range(100, 100 + swaps + 1)
-    deltas = {v: kit.delta_bytes(weights, "hot", seed) for v, seed in enumerate(seeds, 1)}
+    deltas = {v: task_delta("hot", seed) for v, seed in enumerate(seeds, 1)}
     (tmp_path / "ref").mkdir()
     ref = reference_scores(weights, tmp_path / "ref", seeds)
     rs = RedisServer(tmp_path / "redis")
     (tmp_path / "redis").mkdir()
     rs.start()
-    a = serve.start(tmp_path, weights, store=rs.url)
-    b = serve.start(tmp_path, weights, store=rs.url)
+    a = servers.start(tmp_path, weights, store=rs.url)
+    b = servers.start(tmp_path, weights, store=rs.url)
     mismatches: list[str] = []
     statuses: dict[int, int] = {}
     stale: list[float] = []
@@ -360,7 +362,7 @@ def test_r2_r4_hot_swap_under_load_two_replicas(tmp_path: Path, weights: Path) -
 
     kills = 0
     try:
-        assert serve.upload(a.url, deltas[1]).status_code == 201
+        assert servers.upload(a.url, deltas[1]).status_code == 201
         time.sleep(2.5)
         threads = [threading.Thread(target=client, args=(u,)) for u in (a.url, b.url)]
         threads.append(threading.Thread(target=watcher))
@@ -372,7 +374,7 @@ def test_r2_r4_hot_swap_under_load_two_replicas(tmp_path: Path, weights: Path) -
             if time.monotonic() > t_end:
                 break
             target = (a, b)[v % 2]
-            resp = serve.upload(target.url, deltas[v], replace=True)
+            resp = servers.upload(target.url, deltas[v], replace=True)
             assert resp.status_code == 201 and resp.json()["version"] == v, resp.text
             current["v"] = v
             if v % 3 == 0:  # R4: drop the pub/sub connections (10 injections over the run)
@@ -385,8 +387,8 @@ def test_r2_r4_hot_swap_under_load_two_replicas(tmp_path: Path, weights: Path) -
         final = {s.url: httpx.get(s.url + "/tasks/hot").json()["version"] for s in (a, b)}
     finally:
         stop.set()
-        serve.stop(a)
-        serve.stop(b)
+        servers.stop(a)
+        servers.stop(b)
         rs.kill()
     worst = max(stale, default=0.0)
     print(

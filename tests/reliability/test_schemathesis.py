@@ -12,8 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.api import kit
-from tests.service.api.test_e2e import ROOT, TOKEN, Server, start_server, stop
+from tests.helpers.api import TOKEN
+from tests.helpers.deltas import task_delta
+from tests.helpers.models import backbone_file
+from tests.helpers.servers import ROOT, Server, start, stop
 
 pytestmark = [
     pytest.mark.e2e,
@@ -27,12 +29,12 @@ MAX_EXAMPLES = int(os.environ.get("SSF_ST_MAX_EXAMPLES", "25"))
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("rel-st")
-    weights = kit.backbone_file(tmp)
-    s = start_server(tmp, weights)
+    weights = backbone_file("vit", tmp)
+    s = start(tmp, weights, log_level="debug")
     r = httpx.post(
         s.url + "/tasks",
         headers={"Authorization": f"Bearer {TOKEN}"},
-        files={"delta": ("d.safetensors", kit.delta_bytes(weights, "cats", 1))},
+        files={"delta": ("d.safetensors", task_delta("cats", 1))},
     )
     assert r.status_code == 201, r.text
     yield s

@@ -34,9 +34,11 @@ from typing import Any
 import httpx
 
 from deploy.topology import Topology, interrupt_on_sigterm
-from tests.service.api import kit
+from tests.helpers.deltas import task_delta
+from tests.helpers.images import encode
+from tests.helpers.models import MODEL, backbone_file
 
-IMG = kit.image("PNG", 3)
+IMG = encode("PNG", 3)
 PNG = {"Content-Type": "image/png"}
 LOG_LINE = re.compile(
     r'"POST /tasks/(?P<task>[^/ ]+)/predict[^"]*" (?P<status>\d+) .*?upstream=(?P<up>.*?) '
@@ -185,9 +187,7 @@ def upload_tasks(topo: Topology, weights: Path, n: int) -> tuple[list[str], dict
     auth = {"Authorization": f"Bearer {topo.admin_token}"}
     with httpx.Client(base_url=topo.url, timeout=60) as c:
         for i, t in enumerate(tasks):
-            r = c.post(
-                "/tasks", headers=auth, files={"delta": ("d.safetensors", kit.delta_bytes(weights, t, i + 1))}
-            )
+            r = c.post("/tasks", headers=auth, files={"delta": ("d.safetensors", task_delta(t, i + 1))})
             assert r.status_code == 201, r.text
         for t in tasks:
             assert c.post(f"/tasks/{t}/predict", content=IMG, headers=PNG).status_code == 200
@@ -302,10 +302,10 @@ def main() -> int:
     args = ap.parse_args()
     interrupt_on_sigterm()
     tmp = Path(tempfile.mkdtemp(prefix="ssf-replica-kills-"))
-    weights = kit.backbone_file(tmp)
+    weights = backbone_file("vit", tmp)
     env = {"SSF_MAX_QUEUE_DELAY_MS": "1", "SSF_DRAIN_DELAY_S": "1", "SSF_GRACEFUL_TIMEOUT_S": "10"}
     with Topology(
-        tmp / "topo", weights, kit.MODEL, replicas=args.replicas, replica_env=env, ready_timeout_s=60.0
+        tmp / "topo", weights, MODEL, replicas=args.replicas, replica_env=env, ready_timeout_s=60.0
     ) as topo:
         summary = run(args, topo, weights)
     summary["workdir"] = str(tmp)

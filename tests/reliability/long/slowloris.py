@@ -19,7 +19,9 @@ from pathlib import Path
 import httpx
 
 from deploy.topology import Topology
-from tests.service.api import kit
+from tests.helpers.deltas import task_delta
+from tests.helpers.images import encode
+from tests.helpers.models import backbone_file
 
 
 def open_conns(port: int, n: int) -> list[socket.socket]:
@@ -51,15 +53,15 @@ def main() -> None:
     ap.add_argument("--conns", type=int, default=50)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ssf-slowloris-"))
-    weights = kit.backbone_file(tmp)
+    weights = backbone_file("vit", tmp)
     topo = Topology(tmp / "topo", weights, replicas=1)
     topo.start()
     try:
-        img = kit.image("PNG", 3)
+        img = encode("PNG", 3)
         r = httpx.post(
             f"{topo.url}/tasks",
             headers={"Authorization": f"Bearer {topo.admin_token}"},
-            files={"delta": ("d.safetensors", kit.delta_bytes(weights, "cats", 1))},
+            files={"delta": ("d.safetensors", task_delta("cats", 1))},
             timeout=30,
         )
         assert r.status_code == 201, r.text

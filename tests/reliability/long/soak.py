@@ -21,11 +21,14 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import RedisServer
-from tests.reliability import serve
-from tests.service.api import kit
+from tests.helpers import servers
+from tests.helpers.api import AUTH
+from tests.helpers.deltas import task_delta
+from tests.helpers.images import encode
+from tests.helpers.models import backbone_file
+from tests.helpers.servers import RedisServer
 
-IMG = kit.image("PNG", 3)
+IMG = encode("PNG", 3)
 
 
 def rss_mb(pid: int) -> float:
@@ -48,7 +51,7 @@ def main() -> int:
     ap.add_argument("--max-fd-drift", type=int, default=8)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ssf-soak-"))
-    weights = kit.backbone_file(tmp)
+    weights = backbone_file("vit", tmp)
     (tmp / "redis").mkdir()
     rs = RedisServer(tmp / "redis")
     rs.start()
@@ -57,9 +60,9 @@ def main() -> int:
 
     redis.Redis.from_url(rs.url).config_set("appendfsync", "always")
     module = "tests.reliability.long.leaky_serve" if args.leaky else "service.cli"
-    s = serve.start(tmp, weights, store=rs.url, module=module)
-    deltas = [kit.delta_bytes(weights, f"t{i}", 10 + i) for i in range(4)]
-    assert serve.upload(s.url, kit.delta_bytes(weights, "base", 1)).status_code == 201
+    s = servers.start(tmp, weights, store=rs.url, module=module)
+    deltas = [task_delta(f"t{i}", 10 + i) for i in range(4)]
+    assert servers.upload(s.url, task_delta("base", 1)).status_code == 201
     acked: dict[str, tuple[int, str]] = {}
     stats = {"predict_ok": 0, "predict_other": {}, "uploads_acked": 0, "uploads_refused": 0, "deletes": 0}
     stop = threading.Event()
@@ -87,7 +90,7 @@ def main() -> int:
         while not stop.is_set() and time.monotonic() < t_end:
             name = f"t{i % 4}"
             try:
-                r = serve.upload(s.url, deltas[i % 4], replace=True, timeout=10)
+                r = servers.upload(s.url, deltas[i % 4], replace=True, timeout=10)
             except httpx.HTTPError:
                 r = None
             if r is not None and r.status_code == 201:
@@ -98,10 +101,7 @@ def main() -> int:
             if time.monotonic() - last_delete > 30:
                 victim = f"t{(i + 2) % 4}"
                 try:
-                    if (
-                        httpx.delete(f"{s.url}/tasks/{victim}", headers=serve.AUTH, timeout=10).status_code
-                        == 204
-                    ):
+                    if httpx.delete(f"{s.url}/tasks/{victim}", headers=AUTH, timeout=10).status_code == 204:
                         acked.pop(victim, None)
                         stats["deletes"] += 1
                 except httpx.HTTPError:
@@ -152,7 +152,7 @@ def main() -> int:
         "rss_growth_second_half_mb": round(half[-1][1] - half[0][1], 1) if half else None,
         "fd_min_max_second_half": [min(x[2] for x in half), max(x[2] for x in half)] if half else None,
     }
-    serve.stop(s)
+    servers.stop(s)
     rs.kill()
     failures = verdict(summary, args.max_rss_growth_mb, args.max_fd_drift)
     summary["build"] = "leaky" if args.leaky else "product"

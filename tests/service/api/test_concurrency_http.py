@@ -15,13 +15,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.reliability import serve
-from tests.service.api import kit
+from tests.helpers import servers
+from tests.helpers.api import AUTH
+from tests.helpers.deltas import task_delta
+from tests.helpers.images import encode
+from tests.helpers.models import backbone_file
 
 pytestmark = pytest.mark.e2e
 
 TASKS, PREDICTS, NEW, REPLACED = 50, 200, 10, 10
-IMG = kit.image("PNG", 7)
+IMG = encode("PNG", 7)
 
 
 def scores(body: dict) -> list[float]:
@@ -34,13 +37,13 @@ async def predict(c: httpx.AsyncClient, task: str) -> httpx.Response:
 
 async def upload(c: httpx.AsyncClient, data: bytes, replace: bool) -> httpx.Response:
     params = {"replace": "true"} if replace else {}
-    return await c.post("/tasks", params=params, headers=serve.AUTH, files={"delta": ("d.safetensors", data)})
+    return await c.post("/tasks", params=params, headers=AUTH, files={"delta": ("d.safetensors", data)})
 
 
 def test_200_concurrent_predictions_over_50_tasks_with_uploads_and_replaces(tmp_path: Path) -> None:
-    weights = kit.backbone_file(tmp_path)
-    v1 = {f"c{i}": kit.delta_bytes(weights, f"c{i}", 1000 + i) for i in range(TASKS + NEW)}
-    v2 = {f"c{i}": kit.delta_bytes(weights, f"c{i}", 2000 + i) for i in range(REPLACED)}
+    weights = backbone_file("vit", tmp_path)
+    v1 = {f"c{i}": task_delta(f"c{i}", 1000 + i) for i in range(TASKS + NEW)}
+    v2 = {f"c{i}": task_delta(f"c{i}", 2000 + i) for i in range(REPLACED)}
     existing, new = [f"c{i}" for i in range(TASKS)], [f"c{i}" for i in range(TASKS, TASKS + NEW)]
 
     async def reference(url: str) -> dict[tuple[str, int], list[float]]:
@@ -73,17 +76,17 @@ def test_200_concurrent_predictions_over_50_tasks_with_uploads_and_replaces(tmp_
             return list(zip(picks, answers, strict=True)), admin_answers
 
     (tmp_path / "ref").mkdir()
-    ref_server = serve.start(tmp_path / "ref", weights)
+    ref_server = servers.start(tmp_path / "ref", weights)
     try:
         ref = asyncio.run(reference(ref_server.url))
     finally:
-        serve.stop(ref_server)
-    server = serve.start(tmp_path, weights, max_queue_size=4096)
+        servers.stop(ref_server)
+    server = servers.start(tmp_path, weights, max_queue_size=4096)
     try:
         answers, admin = asyncio.run(load(server.url))
         listed = httpx.get(server.url + "/tasks", timeout=30).json()
     finally:
-        serve.stop(server)
+        servers.stop(server)
 
     assert [r.status_code for r in admin] == [201] * (NEW + REPLACED), [
         r.text for r in admin if r.status_code != 201

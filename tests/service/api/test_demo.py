@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
-
-ROOT = Path(__file__).resolve().parents[3]
+from tests.helpers.ports import free_port
+from tests.helpers.servers import ROOT
 
 
 def ignore_sigint() -> None:

@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -20,8 +19,12 @@ import pytest
 
 import service.store
 from service.client import Client, SSFError
-from tests.conftest import RedisServer, free_port
-from tests.service.api import kit
+from tests.helpers.api import TOKEN
+from tests.helpers.deltas import task_delta
+from tests.helpers.images import encode
+from tests.helpers.models import MODEL, backbone_file
+from tests.helpers.ports import free_port
+from tests.helpers.servers import ROOT, RedisServer, Server, start, stop
 
 pytestmark = [
     pytest.mark.e2e,
@@ -31,81 +34,28 @@ pytestmark = [
     ),
 ]
 
-TOKEN = "e2e-admin-token-5d1c0b"
-ROOT = Path(__file__).resolve().parents[3]
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    def logs(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def start_server(tmp: Path, weights: Path, drain_delay_s: float = 0.0, store: str | None = None) -> Server:
-    port = free_port()
-    log = tmp / f"server-{port}.log"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("SSF_")},
-        "SSF_ADMIN_TOKEN": TOKEN,
-        "SSF_DRAIN_DELAY_S": str(drain_delay_s),
-        "SSF_MAX_QUEUE_DELAY_MS": "1",
-    }
-    cmd = [sys.executable, "-m", "service.cli", "--model", kit.MODEL, "--weights", str(weights)]
-    cmd += ["--store", store or str(tmp / "store"), "--device", "cpu", "--port", str(port)]
-    cmd += ["--log-level", "debug"]
-    with log.open("wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    server = Server(proc, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"ssf-serve exited {proc.returncode}:\n{server.logs()[-3000:]}")
-        try:
-            if httpx.get(server.url + "/readyz", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"ssf-serve not ready after 90 s:\n{server.logs()[-3000:]}")
-
-
-def stop(server: Server) -> int:
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-        try:
-            server.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait()
-    return server.proc.returncode
-
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return kit.backbone_file(tmp_path_factory.mktemp("e2e-backbone"))
+    return backbone_file("vit", tmp_path_factory.mktemp("e2e-backbone"))
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, weights: Path) -> Iterator[Server]:
-    s = start_server(tmp_path_factory.mktemp("e2e"), weights)
+    s = start(tmp_path_factory.mktemp("e2e"), weights, log_level="debug")
     yield s
     stop(s)
 
 
 def test_upload_predict_replace_delete(server: Server, weights: Path) -> None:
-    images = [kit.image("PNG", 1), kit.image("JPEG", 2)]
+    images = [encode("PNG", 1), encode("JPEG", 2)]
     with Client(server.url, token=TOKEN) as c:
-        assert c.backbone()["model"] == kit.MODEL
-        info = c.upload(kit.delta_bytes(weights, "cats", 1))
+        assert c.backbone()["model"] == MODEL
+        info = c.upload(task_delta("cats", 1))
         assert (info["name"], info["version"], info["num_classes"]) == ("cats", 1, 4)
         v1 = c.predict("cats", images, top_k=2)
         assert v1["version"] == 1 and [len(p) for p in v1["predictions"]] == [2, 2]
-        assert c.upload(kit.delta_bytes(weights, "cats", 2), replace=True)["version"] == 2
+        assert c.upload(task_delta("cats", 2), replace=True)["version"] == 2
         v2 = c.predict("cats", images, top_k=2)
         assert v2["version"] == 2 and v2["predictions"] != v1["predictions"]
         raw = httpx.post(
@@ -157,12 +107,12 @@ def test_logs_are_json_and_never_hold_the_token(server: Server) -> None:
 
 def test_sigterm_drains(tmp_path: Path, weights: Path) -> None:
     """Readiness turns 503 at once; an in-flight request started before SIGTERM still succeeds."""
-    server = start_server(tmp_path, weights, drain_delay_s=1.0)
+    server = start(tmp_path, weights, drain_delay_s=1.0, log_level="debug")
     try:
         with Client(server.url, token=TOKEN) as c:
-            c.upload(kit.delta_bytes(weights, "cats", 1))
+            c.upload(task_delta("cats", 1))
         result: dict[str, int] = {}
-        png = kit.image("PNG", 7)
+        png = encode("PNG", 7)
 
         def slow_body() -> Iterator[bytes]:
             for i in range(0, len(png), max(1, len(png) // 8)):
@@ -200,7 +150,7 @@ def test_weights_that_do_not_fit_end_with_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "other.safetensors"
     safetensors.torch.save_file({"not.a.vit.weight": torch.zeros(3)}, str(bad))
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSF_")}
-    cmd = [sys.executable, "-m", "service.cli", "--model", kit.MODEL, "--weights", str(bad)]
+    cmd = [sys.executable, "-m", "service.cli", "--model", MODEL, "--weights", str(bad)]
     cmd += ["--store", str(tmp_path / "store"), "--device", "cpu", "--port", str(free_port())]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=env, cwd=ROOT)
     assert r.returncode == 1, r.stderr[-2000:]
@@ -214,15 +164,15 @@ def test_redis_store_round_trip(tmp_path: Path, weights: Path, redis_server: Red
     """The same flow with --store redis://: two replicas on one registry see each other's uploads."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    a = start_server(tmp_path / "a", weights, store=redis_server.url)
-    b = start_server(tmp_path / "b", weights, store=redis_server.url)
+    a = start(tmp_path / "a", weights, store=redis_server.url, log_level="debug")
+    b = start(tmp_path / "b", weights, store=redis_server.url, log_level="debug")
     try:
         with Client(a.url, token=TOKEN) as ca, Client(b.url, token=TOKEN) as cb:
-            assert ca.upload(kit.delta_bytes(weights, "cats", 1))["version"] == 1
-            assert cb.predict("cats", [kit.image("PNG", 1)])["version"] == 1
-            assert cb.upload(kit.delta_bytes(weights, "cats", 2), replace=True)["version"] == 2
+            assert ca.upload(task_delta("cats", 1))["version"] == 1
+            assert cb.predict("cats", [encode("PNG", 1)])["version"] == 1
+            assert cb.upload(task_delta("cats", 2), replace=True)["version"] == 2
             deadline = time.monotonic() + 10
-            while ca.predict("cats", [kit.image("PNG", 1)])["version"] != 2:
+            while ca.predict("cats", [encode("PNG", 1)])["version"] != 2:
                 assert time.monotonic() < deadline, "replica a never saw version 2"
                 time.sleep(0.1)
             ca.delete("cats")
