@@ -14,8 +14,9 @@ import httpx
 import pytest
 
 from deploy.topology import Topology
-from tests.deploy.conftest import Load, predict, upload
-from tests.service.api import kit
+from tests.helpers.deltas import task_delta
+from tests.helpers.load import Load, predict
+from tests.helpers.servers import upload
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis, pytest.mark.timeout(240)]
 
@@ -23,7 +24,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.redis, pytest.mark.timeout(240)]
 def spread_tasks(topo: Topology, weights: Path, prefix: str, n: int) -> dict[str, str]:
     """Upload ``n`` tasks and return task -> the upstream nginx hashes it to (from the access log)."""
     for i in range(n):
-        assert upload(topo.url, kit.delta_bytes(weights, f"{prefix}{i}", i + 1)).status_code == 201
+        assert upload(topo.url, task_delta(f"{prefix}{i}", i + 1)).status_code == 201
     with httpx.Client(timeout=10) as http:
         for i in range(n):
             assert predict(http, topo.url, f"{prefix}{i}").status_code == 200
@@ -37,8 +38,8 @@ def spread_tasks(topo: Topology, weights: Path, prefix: str, n: int) -> dict[str
 
 def test_redis_kill9_loses_no_acknowledged_upload(topo: Topology, weights: Path) -> None:
     for name in ("steady-a", "steady-b"):
-        assert upload(topo.url, kit.delta_bytes(weights, name, 1)).status_code == 201
-    deltas = [kit.delta_bytes(weights, f"up-{i}", i) for i in range(200)]
+        assert upload(topo.url, task_delta(name, 1)).status_code == 201
+    deltas = [task_delta(f"up-{i}", i) for i in range(200)]
     acked: dict[str, str] = {}
     admin_during_outage: list[tuple[int, float]] = []
     outage = threading.Event()
@@ -77,7 +78,7 @@ def test_redis_kill9_loses_no_acknowledged_upload(topo: Topology, weights: Path)
         outage.clear()
 
         # reconvergence: a new task and a replace, each through one replica, served by all
-        new, replaced = kit.delta_bytes(weights, "after-outage", 1), kit.delta_bytes(weights, "steady-b", 2)
+        new, replaced = task_delta("after-outage", 1), task_delta("steady-b", 2)
         while upload(topo.replica_url(0), new).status_code != 201:
             assert time.monotonic() - t_back < 10, "uploads still fail 10 s after Redis came back"
             time.sleep(0.1)

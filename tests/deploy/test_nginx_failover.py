@@ -20,7 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deploy.topology import NGINX_TEMPLATE, free_port, nginx_command, wait_for_port
+from deploy.topology import NGINX_TEMPLATE, nginx_command
+from tests.helpers.ports import free_port, wait_for_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 

@@ -14,8 +14,10 @@ import httpx
 import pytest
 
 from deploy.topology import Topology
-from tests.deploy.conftest import AUTH, Load, predict, upload
-from tests.service.api import kit
+from tests.helpers.api import AUTH
+from tests.helpers.deltas import task_delta
+from tests.helpers.load import Load, predict
+from tests.helpers.servers import upload
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis, pytest.mark.timeout(240)]
 
@@ -27,7 +29,7 @@ def bases(topo: Topology) -> list[str]:
 def test_upload_through_any_replica_is_served_by_all(topo: Topology, weights: Path) -> None:
     via = {"alpha": topo.replica_url(0), "beta": topo.replica_url(1), "gamma": topo.url}
     for name, base in via.items():
-        r = upload(base, kit.delta_bytes(weights, name, 1))
+        r = upload(base, task_delta(name, 1))
         assert r.status_code == 201, r.text
     with httpx.Client(timeout=10) as http:
         for name in via:
@@ -43,7 +45,7 @@ def test_replace_reaches_every_replica_within_1s_and_never_mixes_versions(
     topo: Topology, weights: Path
 ) -> None:
     task, replaces = "swap", 20
-    deltas = {v: kit.delta_bytes(weights, task, seed=1000 + v) for v in range(1, replaces + 2)}
+    deltas = {v: task_delta(task, seed=1000 + v) for v in range(1, replaces + 2)}
     assert upload(topo.url, deltas[1]).status_code == 201
     replicas = [topo.replica_url(i) for i in range(topo.replicas)]
     acked: dict[int, float] = {}
@@ -86,7 +88,7 @@ def test_replace_reaches_every_replica_within_1s_and_never_mixes_versions(
 
 
 def test_delete_is_404_everywhere(topo: Topology, weights: Path) -> None:
-    assert upload(topo.url, kit.delta_bytes(weights, "doomed", 1)).status_code == 201
+    assert upload(topo.url, task_delta("doomed", 1)).status_code == 201
     with httpx.Client(timeout=10) as http:
         for base in bases(topo):
             assert predict(http, base, "doomed").status_code == 200  # resident everywhere
@@ -106,7 +108,7 @@ def test_delete_is_404_everywhere(topo: Topology, weights: Path) -> None:
 def test_a_task_sticks_to_one_replica(topo: Topology, weights: Path) -> None:
     names = [f"sticky-{i}" for i in range(6)]
     for name in names:
-        assert upload(topo.url, kit.delta_bytes(weights, name, 1)).status_code == 201
+        assert upload(topo.url, task_delta(name, 1)).status_code == 201
     with httpx.Client(timeout=10) as http:
         for _ in range(5):
             for name in names:
