@@ -6,7 +6,7 @@ a single body byte is read, and parser errors become our error codes instead of 
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Path, Request
 from starlette.datastructures import FormData, UploadFile
@@ -29,6 +29,16 @@ def check_task_name(
     ],
 ) -> str:
     return check_name(name)  # 422 invalid_task_name
+
+
+def multipart_body(
+    required: list[str], properties: dict[str, Any], **other: dict[str, Any]
+) -> dict[str, Any]:
+    """``openapi_extra`` declaring a route's multipart/form-data body (routes parse their own bodies), plus
+    any other content types it accepts (``other``: media type -> schema)."""
+    form = {"type": "object", "required": required, "additionalProperties": False, "properties": properties}
+    content = {"multipart/form-data": {"schema": form}, **{kind: {"schema": s} for kind, s in other.items()}}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 def media_type(request: Request) -> str:

@@ -8,38 +8,19 @@ from fastapi import APIRouter, Query, Request
 
 from service.api.deps import ReadyEngineDep, SettingsDep
 from service.api.errors import ApiError
-from service.api.forms import files, media_type, only_fields, parse_multipart
+from service.api.forms import files, media_type, multipart_body, only_fields, parse_multipart
 from service.api.routes.tasks import TaskName, errors
 from service.api.schemas import Prediction
 from service.engine.protocol import MAX_TOP_K
 
 router = APIRouter(prefix="/tasks", tags=["predict"])
 
-PREDICT_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "image": {
-                            "type": "array",
-                            "minItems": 1,
-                            "items": {"type": "string", "format": "binary"},
-                        }
-                    },
-                }
-            },
-            **{
-                kind: {"schema": {"type": "string", "format": "binary"}}
-                for kind in ("image/jpeg", "image/png", "image/webp", "image/bmp")
-            },
-        },
-    }
-}
+BINARY = {"type": "string", "format": "binary"}
+PREDICT_BODY = multipart_body(
+    ["image"],
+    {"image": {"type": "array", "minItems": 1, "items": BINARY}},
+    **{kind: BINARY for kind in ("image/jpeg", "image/png", "image/webp", "image/bmp")},
+)
 
 
 @router.post(

@@ -14,6 +14,7 @@ from service.api.forms import (
     check_task_name,
     files,
     media_type,
+    multipart_body,
     only_fields,
     parse_multipart,
 )
@@ -28,28 +29,17 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody} for code in codes}
 
 
-UPLOAD_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["delta"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "delta": {"type": "string", "format": "binary", "description": "ssf-delta file"},
-                        "name": {
-                            "type": "string",
-                            "pattern": TASK_NAME_RE.pattern,
-                            "description": "overrides the task name in the file",
-                        },
-                    },
-                }
-            }
+UPLOAD_BODY = multipart_body(
+    ["delta"],
+    {
+        "delta": {"type": "string", "format": "binary", "description": "ssf-delta file"},
+        "name": {
+            "type": "string",
+            "pattern": TASK_NAME_RE.pattern,
+            "description": "overrides the task name in the file",
         },
-    }
-}
+    },
+)
 
 
 @router.get("", response_model=TaskList)
