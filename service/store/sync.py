@@ -1,5 +1,8 @@
 """Keep a replica's view of the registry fresh: poll ``versions()`` on a timer, and poll early on hints.
 
+The one replica-following mechanism: the engine's ``ReplicaFollower`` (``service/engine/replicas.py``)
+hands each change it reports to the engine's residency.
+
 Pub/sub loses messages silently (a killed subscriber connection drops whatever was published meanwhile;
 measured: 1 of 287 per ``CLIENT KILL TYPE pubsub``), so a hint from ``store.watch`` only *wakes* the loop
 early: every pass diffs the store's full ``{name: version}`` map (one round trip) against the last one
