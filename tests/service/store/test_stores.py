@@ -16,7 +16,7 @@ import redis
 from service.store import InvalidTaskName, LocalStore, StoreUnavailable, TaskExists, TaskNotFound, open_store
 from service.store.base import TaskStore
 from service.store.redis_store import RedisStore
-from tests.conftest import RedisServer
+from tests.helpers.servers import RedisServer
 
 
 @pytest.fixture(params=["local", "redis"])

@@ -19,7 +19,7 @@ from service.store import LocalStore, StoreUnavailable
 from service.store.base import TaskStore
 from service.store.redis_store import CHANNEL, RedisStore
 from service.store.sync import Reconciler
-from tests.conftest import RedisServer
+from tests.helpers.servers import RedisServer
 
 
 class Recorder:
