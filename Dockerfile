@@ -1,25 +1,36 @@
 # syntax=docker/dockerfile:1
 # ssf-serve image. CPU by default; the CUDA build of torch with:  docker build --build-arg VARIANT=cuda .
 # Weights and the task store are mounted, never baked in: /models (read-only) and /var/lib/ssf (a local
-# store directory, when --store is not a redis:// URL). Runs as an unprivileged user.
-ARG PYTHON_VERSION=3.11
+# store directory, when --store is not a redis:// URL). Runs as an unprivileged user (uid 10001).
+#
+# Build arguments (defaults: the official images and indexes):
+#   PYTHON_IMAGE     base of both stages. Offline: deploy/local-bases.sh makes a Debian-built equivalent.
+#   TORCH_INDEX_URL  where torch/torchvision come from; empty = the official PyTorch index of VARIANT.
+#                    Any pip index works, e.g. https://pypi.org/simple or file:///wheels/simple mounted at
+#                    build time (podman build -v DIR:/wheels:ro).
+#   PIP_ARGS         extra arguments for every pip install of the build stage, e.g. "--find-links /wheels"
+#                    (a wheel directory mounted at build time) or "--cert /run/ca.crt" behind a TLS proxy.
+#                    They stay in the build stage. deploy/images.py sets both from the host's pip config.
+ARG PYTHON_IMAGE=docker.io/library/python:3.11-slim-bookworm
 
-FROM python:${PYTHON_VERSION}-slim-bookworm AS build
+FROM ${PYTHON_IMAGE} AS build
 ARG VARIANT=cpu
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
+ARG TORCH_INDEX_URL=
 ARG CPU_INDEX=https://download.pytorch.org/whl/cpu
 ARG CUDA_INDEX=https://download.pytorch.org/whl/cu128
+ARG PIP_ARGS=
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# 1) torch alone: the largest layer, rebuilt only when VARIANT or the version changes
+# 1) torch alone: the largest layer, rebuilt only when VARIANT, the version or its source changes
 RUN case "$VARIANT" in \
-      cpu) index="$CPU_INDEX" ;; \
-      cuda) index="$CUDA_INDEX" ;; \
+      cpu) index="${TORCH_INDEX_URL:-$CPU_INDEX}" ;; \
+      cuda) index="${TORCH_INDEX_URL:-$CUDA_INDEX}" ;; \
       *) echo "VARIANT must be cpu or cuda, not $VARIANT" >&2; exit 2 ;; \
     esac && \
-    pip install --index-url "$index" "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
+    pip install $PIP_ARGS --index-url "$index" "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 # 2) the other dependencies, from pyproject.toml only (source edits do not invalidate this layer)
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -27,20 +38,26 @@ COPY pyproject.toml README.md ./
 # environment: the CUDA variant takes the `gpu` extra plus onnx/onnxscript instead of the `onnx` extra.
 RUN mkdir ssf service training && \
     if [ "$VARIANT" = cuda ]; then \
-      pip install ".[serve,gpu]" "onnx>=1.16" "onnxscript>=0.1" && \
+      pip install $PIP_ARGS ".[serve,gpu]" "onnx>=1.16" "onnxscript>=0.1" && \
       if pip show onnxruntime >/dev/null 2>&1; then \
         echo "onnxruntime (CPU) was pulled in next to onnxruntime-gpu" >&2; exit 3; fi; \
     else \
-      pip install ".[serve,onnx]"; \
+      pip install $PIP_ARGS ".[serve,onnx]"; \
     fi && \
     pip uninstall -y ssf-server
-# 3) the project itself
+# 3) the project itself; then pip leaves the environment (the image never installs anything at run time).
+#    The .pyc files pip compiled stay: the root filesystem is read-only, so without them every start would
+#    compile torch's modules again in memory.
 COPY ssf ./ssf
 COPY service ./service
 COPY training ./training
-RUN pip install --no-deps . && find /opt/venv -name __pycache__ -prune -exec rm -rf {} +
+RUN pip install $PIP_ARGS --no-deps --no-compile . && \
+    python -m compileall -q -j 0 /opt/venv/lib/python*/site-packages/ssf \
+      /opt/venv/lib/python*/site-packages/service /opt/venv/lib/python*/site-packages/training && \
+    pip uninstall -y pip && \
+    find /opt/venv/lib -type d -name tests -not -path '*/torch/*' -prune -exec rm -rf {} +
 
-FROM python:${PYTHON_VERSION}-slim-bookworm
+FROM ${PYTHON_IMAGE}
 ARG VARIANT=cpu
 LABEL org.opencontainers.image.title="ssf-serve" org.opencontainers.image.description="SSF task server (${VARIANT})"
 RUN groupadd --system --gid 10001 ssf && \
@@ -60,6 +77,7 @@ VOLUME ["/var/lib/ssf"]
 EXPOSE 8000
 # Listening on 0.0.0.0 needs SSF_ADMIN_TOKEN (from an env file or a Secret); without it the server refuses
 # to start rather than open the admin plane. Liveness only: readiness (/readyz) is the balancer's business.
+# (podman keeps HEALTHCHECK only in docker-format images: podman build --format docker)
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('SSF_PORT', '8000'), timeout=2)"]
 STOPSIGNAL SIGTERM
