@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Path, Request
+from fastapi import Depends, Path, Request
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -39,6 +39,9 @@ def multipart_body(
     form = {"type": "object", "required": required, "additionalProperties": False, "properties": properties}
     content = {"multipart/form-data": {"schema": form}, **{kind: {"schema": s} for kind, s in other.items()}}
     return {"requestBody": {"required": True, "content": content}}
+
+
+TaskName = Annotated[str, Depends(check_task_name)]  # a route's {name}, checked before the route runs
 
 
 def media_type(request: Request) -> str:

@@ -89,3 +89,8 @@ class Prediction(BaseModel):
                 for image in result.predictions
             ],
         )
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """A route's documented error statuses, each with the error body."""
+    return {code: {"model": ErrorBody} for code in codes}

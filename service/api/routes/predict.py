@@ -8,9 +8,9 @@ from fastapi import APIRouter, Query, Request
 
 from service.api.deps import ReadyEngineDep, SettingsDep
 from service.api.errors import ApiError
-from service.api.forms import files, media_type, multipart_body, only_fields, parse_multipart
-from service.api.routes.tasks import TaskName, errors
+from service.api.forms import TaskName, files, media_type, multipart_body, only_fields, parse_multipart
 from service.api.schemas import Prediction
+from service.api.schemas import error_responses as errors
 from service.engine.protocol import MAX_TOP_K
 
 router = APIRouter(prefix="/tasks", tags=["predict"])

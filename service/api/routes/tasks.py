@@ -2,31 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from service.api.deps import Admin, EngineDep, ReadyEngineDep
 from service.api.errors import ApiError
 from service.api.forms import (
     TASK_NAME_RE,
-    check_task_name,
+    TaskName,
     files,
     media_type,
     multipart_body,
     only_fields,
     parse_multipart,
 )
-from service.api.schemas import ErrorBody, TaskInfo, TaskList
+from service.api.schemas import TaskInfo, TaskList
+from service.api.schemas import error_responses as errors
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
-
-TaskName = Annotated[str, Depends(check_task_name)]
-
-
-def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorBody} for code in codes}
 
 
 UPLOAD_BODY = multipart_body(
