@@ -11,7 +11,8 @@ import safetensors.torch
 import timm
 
 import ssf
-from tests.training.conftest import MODEL, make_folder
+from tests.helpers.images import make_folder
+from tests.helpers.models import MODEL
 from training import cli
 
 

@@ -39,7 +39,7 @@ def test_digits_splits_are_disjoint_real_images() -> None:
 
 
 def test_vtab_list_files(tmp_path: Path) -> None:
-    from tests.training.conftest import make_folder
+    from tests.helpers.images import make_folder
 
     make_folder(tmp_path, {"images": 5})
     lines = [f"images/{c}/{j}.png {i}" for i, c in enumerate(("ant", "bee", "cat")) for j in range(5)]

@@ -13,14 +13,15 @@ import timm
 import torch
 
 import ssf
-from tests.training.conftest import CLASSES, MODEL
-from tests.training.test_train_cli import _model_from_delta
+from tests.helpers.deltas import model_from_delta
+from tests.helpers.images import CLASSES
+from tests.helpers.models import MODEL, backbone_file
 from training import cli, export_cli
 
 
 @pytest.fixture(scope="module")
 def delta(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.training.conftest import make_folder
+    from tests.helpers.images import make_folder
 
     root = tmp_path_factory.mktemp("export")
     folder = make_folder(root / "data", {"train": 3, "val": 1})
@@ -61,7 +62,7 @@ def test_onnx_matches_pytorch_with_a_dynamic_batch(
     x = torch.randn(3, 3, 160, 160)
     (got,) = session.run(["logits"], {"image": x.numpy()})
     with torch.no_grad():
-        want = _model_from_delta(weights, ssf.load_delta(delta))(x).numpy()
+        want = model_from_delta(MODEL, weights, ssf.load_delta(delta))(x).numpy()
     assert got.shape == (3, len(CLASSES)) and np.abs(got - want).max() <= 1e-4
 
 
@@ -74,17 +75,14 @@ def test_timm_file_loads_strictly_and_matches(
     plain.load_state_dict(safetensors.torch.load_file(str(tmp_path / "task.safetensors")), strict=True)
     x = torch.randn(2, 3, 160, 160)
     with torch.no_grad():
-        want = _model_from_delta(weights, ssf.load_delta(delta))(x)
+        want = model_from_delta(MODEL, weights, ssf.load_delta(delta))(x)
         assert torch.allclose(plain.eval()(x), want, atol=1e-4)
 
 
 def test_delta_for_other_weights_is_refused(
     delta: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    torch.manual_seed(1)
-    other = tmp_path / "other.safetensors"
-    model = timm.create_model(MODEL, num_classes=0)
-    safetensors.torch.save_file({k: v.contiguous() for k, v in ssf.backbone_state(model).items()}, str(other))
+    other = backbone_file("vit", tmp_path, seed=1)
     with pytest.raises(SystemExit) as exc:
         export_cli.main(
             ["--model", MODEL, "--weights", str(other), "--delta", str(delta), "--format", "onnx"]

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import ssf
-from tests.training.conftest import MODEL
+from tests.helpers.models import MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import ssf
-from ssf.layers import CONTAINER
-from tests.training.conftest import CLASSES, MODEL
+from tests.helpers.deltas import model_from_delta
+from tests.helpers.images import CLASSES
+from tests.helpers.models import MODEL
 from training import cli, methods
 
 
@@ -41,19 +42,6 @@ def test_every_method_trains_and_writes_the_documented_files(
     assert (total == head) == (method == "linear")
 
 
-def _model_from_delta(weights: Path, delta: ssf.Delta) -> torch.nn.Module:
-    """The delta applied to a fresh backbone with unfolded sites (what the server's torch path does)."""
-    model = ssf.create_backbone(MODEL, weights, delta.num_classes)
-    if delta.sites:
-        ssf.inject_ssf(model, delta.site_scheme)
-        for key, affine in getattr(model, CONTAINER).items():
-            scale, shift = delta.sites[key.replace("/", ".")]
-            affine.scale.data.copy_(scale)
-            affine.shift.data.copy_(shift)
-    model.load_state_dict(delta.head, strict=False)
-    return model.eval()
-
-
 @pytest.mark.parametrize("method", ["ssf", "bias", "linear"])
 def test_delta_loads_in_the_core_and_folds(method: str, weights: Path, folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
@@ -68,7 +56,7 @@ def test_delta_loads_in_the_core_and_folds(method: str, weights: Path, folder: P
         assert all(torch.equal(scale, torch.ones_like(scale)) for scale, _ in delta.sites.values())
         assert any(shift.abs().sum() > 0 for _, shift in delta.sites.values())
     assert (not delta.sites) == (method == "linear")
-    model = _model_from_delta(weights, delta)
+    model = model_from_delta(MODEL, weights, delta)
     x = torch.randn(2, 3, 160, 160)
     with torch.no_grad():
         unfolded = model(x)
