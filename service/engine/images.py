@@ -4,6 +4,10 @@ Only JPEG, PNG, WebP and BMP are decoded; the format is checked after ``Image.op
 header), and ``width * height`` is checked against the engine's pixel limit before ``load()`` decodes
 anything, so a decompression bomb costs nothing. Every failure is a domain error naming the image index;
 nothing here lets a Pillow exception escape.
+
+Every task shares the backbone's preprocessing (``data_config``): requests of many tasks ride in one batch,
+and a delta only scales and shifts features of that backbone. The ``preprocess`` field a delta carries
+records what training used (for offline and edge users of the file); the server does not read it.
 """
 
 from __future__ import annotations
