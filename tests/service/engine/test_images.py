@@ -16,7 +16,7 @@ from service.engine.images import Preprocessor
 from service.engine.protocol import BadImage, ImageTooLarge, UnsupportedMediaType
 from service.settings import EngineConfig
 from tests.helpers.images import encode, images
-from tests.service.engine.test_tasks import run, vit_engine
+from tests.helpers.real_engine import run, vit_engine
 
 
 @pytest.fixture(scope="module")

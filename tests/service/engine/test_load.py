@@ -13,7 +13,8 @@ from service.engine.engine import Engine
 from tests.helpers.deltas import delta_bytes, make_task
 from tests.helpers.deltas import reference_logits as reference
 from tests.helpers.images import images
-from tests.service.engine.test_tasks import FAMILY, probs, run, vit_engine
+from tests.helpers.models import FAMILY_VIT as FAMILY
+from tests.helpers.real_engine import probs, run, vit_engine
 
 TASKS, REQUESTS, REPLACED = 12, 96, (0, 5)
 

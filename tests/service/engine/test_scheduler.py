@@ -22,7 +22,7 @@ from service.store.base import StoredTask
 from tests.helpers.deltas import delta_bytes, make_task
 from tests.helpers.images import images
 from tests.helpers.models import FAMILY_VIT
-from tests.service.engine.test_tasks import run, vit_engine
+from tests.helpers.real_engine import run, vit_engine
 
 
 def sample(engine: Engine, name: str, **labels: str) -> float:

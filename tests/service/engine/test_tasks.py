@@ -4,7 +4,6 @@ reconciling through a shared store, and every way add_task refuses a delta."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,43 +16,16 @@ from service.engine.protocol import (
     DeltaTooLarge,
     InvalidDelta,
     InvalidParameter,
-    PredictionResult,
 )
-from service.settings import EngineConfig
 from service.store.base import StoredTask, StoreUnavailable, TaskExists, TaskNotFound
 from tests.helpers.deltas import delta_bytes, make_task
 from tests.helpers.deltas import reference_logits as reference
 from tests.helpers.images import images
 from tests.helpers.models import MODELS, backbone_file
+from tests.helpers.real_engine import probs, run, vit_engine
 from tests.helpers.stores import MemoryStore
 
 FAMILY = "vit"
-
-
-def vit_engine(weights_dir: Path, store: MemoryStore | None = None, **config: Any) -> Engine:
-    # reconcile_interval_s: tests call reconcile() themselves
-    settings = {"max_queue_delay_ms": 30.0, "reconcile_interval_s": 3600, **config}
-    return Engine(
-        MODELS[FAMILY],
-        backbone_file(FAMILY, weights_dir),
-        store if store is not None else MemoryStore(),
-        config=EngineConfig(**settings),
-    )
-
-
-def run(engine: Engine, scenario: Callable[[Engine], Awaitable[None]]) -> None:
-    async def main() -> None:
-        await engine.start()
-        try:
-            await scenario(engine)
-        finally:
-            await engine.stop()
-
-    asyncio.run(main())
-
-
-def probs(result: PredictionResult) -> torch.Tensor:
-    return torch.tensor([[s.score for s in sorted(row, key=lambda s: s.index)] for row in result.predictions])
 
 
 def test_prediction_does_not_depend_on_batch_mates(weights_dir: Path) -> None:
