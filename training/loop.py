@@ -185,6 +185,7 @@ def _epoch(
 ) -> float:
     """One pass over the data; returns the mean training loss."""
     net.train()
+    freeze_norm_statistics(net)
     step, total, warmup = sched
     sampler = getattr(loader, "sampler", None)
     if isinstance(sampler, torch.utils.data.DistributedSampler):
@@ -208,6 +209,17 @@ def _epoch(
                 ema.update(net.module if hasattr(net, "module") else net)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return sum(losses) / max(1, len(losses))
+
+
+def freeze_norm_statistics(model: nn.Module) -> None:
+    """Put every normalisation layer with running statistics whose own parameters are frozen back in eval
+    mode: a frozen backbone must stay bit-identical (its BatchNorm buffers included) while the tuned parts
+    train, or the delta no longer fits the backbone it is served on. ``full`` fine-tuning trains the norms,
+    so their statistics update as usual."""
+    for module in model.modules():
+        frozen = not any(p.requires_grad for p in module.parameters(recurse=False))
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats and frozen:
+            module.eval()
 
 
 def _batches(loader: Any, device: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
