@@ -2,9 +2,9 @@
 
 Its "delta" is JSON ({"task": ..., "labels": [...]}); any image not starting with a PNG or JPEG magic is
 undecodable. ``fail_with`` makes the next facade call raise a chosen domain error. It applies the request
-rules every engine shares (``check_top_k``, ``check_delta_size`` with its ``config``), so the HTTP layer's
-answers do not depend on which engine is behind it; ``tests/service/engine/test_protocol.py`` keeps its
-members in step with the real ``Engine``.
+rules every engine shares (``check_top_k``, ``check_task_name``, ``check_delta_size`` with its ``config``),
+so the HTTP layer's answers do not depend on which engine is behind it;
+``tests/service/engine/test_protocol.py`` keeps its members in step with the real ``Engine``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from prometheus_client import CollectorRegistry, Counter
 
 from service.engine.protocol import (
     BadImage,
-    EngineAPI,
     InvalidDelta,
     PredictionResult,
     Scored,
@@ -150,7 +149,3 @@ class FakeEngine:
         if name not in self.tasks:
             raise TaskNotFound(name)
         return b"ONNX:" + name.encode()
-
-
-def _conforms(engine: FakeEngine) -> EngineAPI:
-    return engine  # mypy checks FakeEngine against the protocol here
