@@ -21,7 +21,6 @@ import gc
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,15 +36,10 @@ from PIL import Image
 import ssf
 from bench import many_tasks as mt
 from bench.report import RESULTS, ROOT, machine_line, write_section
+from deploy.topology import free_port
 
 TOKEN = "bench-admin-token-7f3a"
 TASKS = 10  # tasks the throughput runs spread requests over (uniformly)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def jpegs(n: int, size: tuple[int, int] = (80, 80)) -> list[bytes]:
