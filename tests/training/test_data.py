@@ -33,7 +33,8 @@ def test_digits_splits_are_disjoint_real_images() -> None:
     splits = data.load_splits("digits:5")
     assert len(splits.train) == 50 and len(splits.val) == 200 and splits.test is not None
     ids = [id(item[0]) for item in splits.train + splits.val + splits.test]
-    assert len(ids) == len(set(ids)) == 50 + 200 + 500
+    assert len(ids) == len(set(ids)) == 1797  # every scan in exactly one split: the rest is test
+    assert len(splits.test) == 1797 - 250
     img = data.ImageList(splits.train).image(0)
     assert img.size == (64, 64) and np.asarray(img).std() > 10
 
