@@ -11,8 +11,11 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -98,3 +101,38 @@ def faces(per_class: int) -> tuple[list[str], list[Item], list[Item], list[Item]
         val += items[per_class : per_class + FACE_VAL_PER_CLASS]
         test += items[per_class + FACE_VAL_PER_CLASS :]
     return FACE_LABELS, train, val, test
+
+
+def export(spec: str, root: Path) -> dict[str, int]:
+    """Write a task as an image folder (``root/{train,val,test}/<class>/NNNN.png``), the layout
+    ``--data imagefolder:DIR`` reads: a real dataset to try the whole train -> upload -> predict path on."""
+    tasks = {"faces": faces, "patches": patches}
+    kind, _, n = spec.partition(":")
+    if kind not in tasks or not (n or "10").isdigit():
+        raise PhotoError(f"expected faces[:N] or patches[:N], got {spec!r}")
+    labels, *splits = tasks[kind](int(n or "10"))  # type: ignore[operator]
+    counts = {}
+    for name, items in zip(("train", "val", "test"), splits, strict=True):
+        for i, (load, label) in enumerate(items):
+            folder = root / name / labels[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            load().save(folder / f"{i:04d}.png")
+        counts[name] = len(items)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m training.photos", description="A real-photo task as folders.")
+    p.add_argument("spec", help="faces[:N] or patches[:N] (N train images per class)")
+    p.add_argument("out", type=Path, help="folder to write train/, val/, test/ into")
+    args = p.parse_args(argv)
+    try:
+        counts = export(args.spec, args.out)
+    except PhotoError as e:
+        print(f"photos: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"photos: wrote {counts} images under {args.out}")
+
+
+if __name__ == "__main__":
+    main()
