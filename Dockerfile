@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # ssf-serve image. CPU by default; the CUDA build of torch with:  docker build --build-arg VARIANT=cuda .
 # Weights and the task store are mounted, never baked in: /models (read-only) and /var/lib/ssf (a local
-# store directory, when --store is not a redis:// URL). Runs as an unprivileged user (uid 10001).
+# store directory, when --store is not a redis:// URL). Runs as an unprivileged user (uid 10001); the
+# root filesystem may be read-only (compose and Kubernetes run it so).
 #
 # Build arguments (defaults: the official images and indexes):
 #   PYTHON_IMAGE     base of both stages. Offline: deploy/local-bases.sh makes a Debian-built equivalent.
@@ -31,12 +32,13 @@ RUN case "$VARIANT" in \
       *) echo "VARIANT must be cpu or cuda, not $VARIANT" >&2; exit 2 ;; \
     esac && \
     pip install $PIP_ARGS --index-url "$index" "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
-# 2) the other dependencies, from pyproject.toml only (source edits do not invalidate this layer)
+# 2) the other dependencies, from pyproject.toml only (source and README edits do not invalidate this layer;
+#    the README pyproject.toml names is a placeholder here, the real one comes with the sources)
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 # onnxruntime and onnxruntime-gpu both install the module `onnxruntime` and must never share an
 # environment: the CUDA variant takes the `gpu` extra plus onnx/onnxscript instead of the `onnx` extra.
-RUN mkdir ssf service training && \
+RUN mkdir ssf service training && touch README.md && \
     if [ "$VARIANT" = cuda ]; then \
       pip install $PIP_ARGS ".[serve,gpu]" "onnx>=1.16" "onnxscript>=0.1" && \
       if pip show onnxruntime >/dev/null 2>&1; then \
@@ -45,16 +47,19 @@ RUN mkdir ssf service training && \
       pip install $PIP_ARGS ".[serve,onnx]"; \
     fi && \
     pip uninstall -y ssf-server
-# 3) the project itself; then pip leaves the environment (the image never installs anything at run time).
-#    The .pyc files pip compiled stay: the root filesystem is read-only, so without them every start would
-#    compile torch's modules again in memory.
+# 3) the project itself, in its own directory and stage, so a source edit rebuilds and copies only it (a few
+#    MB) and never the multi-GB environment. The .pyc files stay: the root filesystem is read-only, so
+#    without them every start would compile torch's modules again in memory.
+FROM build AS app
+COPY README.md ./
 COPY ssf ./ssf
 COPY service ./service
 COPY training ./training
-RUN pip install $PIP_ARGS --no-deps --no-compile . && \
-    python -m compileall -q -j 0 /opt/venv/lib/python*/site-packages/ssf \
-      /opt/venv/lib/python*/site-packages/service /opt/venv/lib/python*/site-packages/training && \
-    pip uninstall -y pip && \
+RUN pip install $PIP_ARGS --no-deps --no-compile --target /opt/app . && python -m compileall -q /opt/app
+
+# 4) the environment the image runs: pip leaves (nothing is installed at run time), third-party tests too
+FROM build AS runtime-env
+RUN pip uninstall -y pip && \
     find /opt/venv/lib -type d -name tests -not -path '*/torch/*' -prune -exec rm -rf {} +
 
 FROM ${PYTHON_IMAGE}
@@ -63,8 +68,10 @@ LABEL org.opencontainers.image.title="ssf-serve" org.opencontainers.image.descri
 RUN groupadd --system --gid 10001 ssf && \
     useradd --system --uid 10001 --gid ssf --home-dir /home/ssf --create-home --shell /usr/sbin/nologin ssf && \
     mkdir -p /models /var/lib/ssf && chown ssf:ssf /var/lib/ssf
-COPY --from=build /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH \
+COPY --from=runtime-env /opt/venv /opt/venv
+COPY --from=app /opt/app /opt/app
+ENV PATH=/opt/app/bin:/opt/venv/bin:$PATH \
+    PYTHONPATH=/opt/app \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/home/ssf/.cache/huggingface \
@@ -73,7 +80,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     SSF_STORE=/var/lib/ssf/store
 USER ssf
 WORKDIR /home/ssf
-VOLUME ["/var/lib/ssf"]
+# No VOLUME: it would give every container an anonymous volume that `compose down -v` leaves behind; with the
+# local store, mount one yourself: -v ssf-store:/var/lib/ssf (compose's replicas use Redis)
 EXPOSE 8000
 # Listening on 0.0.0.0 needs SSF_ADMIN_TOKEN (from an env file or a Secret); without it the server refuses
 # to start rather than open the admin plane. Liveness only: readiness (/readyz) is the balancer's business.
