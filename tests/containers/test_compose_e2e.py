@@ -184,7 +184,7 @@ class Stack:
         except json.JSONDecodeError:
             return int(status), text
 
-    def wait_ready(self, timeout_s: float = 600) -> float:
+    def wait_ready(self, timeout_s: float = 300) -> float:
         """Seconds until /readyz through nginx answers 200 and both replicas are ready (bounded)."""
         start = time.monotonic()
         deadline = start + timeout_s
@@ -306,8 +306,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         for img in ("ssf-serve:cpu", bases["PYTHON_IMAGE"], bases["REDIS_IMAGE"], bases["NGINX_IMAGE"])
     }
     models = tmp / "models"
-    models.mkdir()
+    models.mkdir(mode=0o755)
     weights = backbone_file(models)
+    weights.chmod(0o644)  # the container's uid 10001 reads it
     env_file = tmp / "serve.env"
     env_file.write_text(
         f"SSF_ADMIN_TOKEN={TOKEN}\nSSF_LOG_LEVEL=info\nSSF_MAX_QUEUE_DELAY_MS=1\nSSF_DRAIN_DELAY_S=1\n"
