@@ -5,7 +5,15 @@ The public surface: site discovery (``find_sites``), trainable injection (``inje
 backbone loading (``create_backbone``, ``fingerprint``).
 """
 
-from ssf.backbone import BackboneError, backbone_state, create_backbone, fingerprint
+from ssf.backbone import (
+    BackboneError,
+    DeviceError,
+    backbone_state,
+    create_backbone,
+    data_config,
+    fingerprint,
+    resolve_device,
+)
 from ssf.delta import (
     BackboneSpec,
     Delta,
@@ -24,6 +32,7 @@ from ssf.sites import Site, SiteError, find_sites, head_prefix, site_params
 __all__ = [
     "BackboneError",
     "BackboneSpec",
+    "DeviceError",
     "Delta",
     "DeltaError",
     "NotFoldableError",
@@ -36,11 +45,13 @@ __all__ = [
     "backbone_state",
     "check_compatible",
     "create_backbone",
+    "data_config",
     "delta_from_model",
     "delta_to_bytes",
     "detach_sites",
     "find_sites",
     "fingerprint",
+    "resolve_device",
     "fold_state_dict",
     "head_prefix",
     "inject_ssf",

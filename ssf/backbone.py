@@ -12,17 +12,39 @@ from typing import Any
 
 import safetensors.torch
 import timm
+import timm.data
 import torch
 from torch import nn
 
 import ssf.models  # noqa: F401  (registers the project's own demo architectures with timm)
 from ssf import importer
 from ssf.layers import CONTAINER
-from ssf.sites import head_prefix
+from ssf.sites import head_prefix, input_size
 
 
 class BackboneError(RuntimeError):
     """The backbone cannot be built or its weights do not fit it."""
+
+
+class DeviceError(RuntimeError):
+    """The device asked for is not available."""
+
+
+def resolve_device(choice: str) -> torch.device:
+    """``auto`` (CUDA when torch sees it, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; a missing GPU: error."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"device {choice!r} was asked for but torch sees no CUDA device")
+    return torch.device(choice)
+
+
+def data_config(model: nn.Module, img_size: int | None = None) -> dict[str, Any]:
+    """The model's eval preprocessing as timm resolves it from its pretrained_cfg, with the input size the
+    model really takes (a fixed patch-embed size wins) or ``img_size`` when given (timm's --img-size)."""
+    cfg = timm.data.resolve_model_data_config(model)
+    cfg["input_size"] = input_size(model) if img_size is None else (3, img_size, img_size)
+    return cfg
 
 
 def create_backbone(

@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from timm.data import create_transform, resolve_model_data_config
+from timm.data import create_transform
 from torch import nn
 from torch.utils.data import Dataset
 
+import ssf
 from training import photos, procedural
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -232,22 +233,15 @@ def load_splits(spec: str) -> Splits:
     return splits
 
 
-def _resolved(model: nn.Module, img_size: int | None) -> dict[str, Any]:
-    cfg = resolve_model_data_config(model)
-    if img_size is not None:  # timm train.py's --img-size: a square input of that side
-        cfg["input_size"] = (cfg["input_size"][0], img_size, img_size)
-    return cfg
-
-
 def data_config(model: nn.Module, img_size: int | None = None) -> dict[str, Any]:
-    """The eval preprocessing of ``model`` as timm resolves it (saved in the delta as ``preprocess``)."""
-    cfg = _resolved(model, img_size)
+    """The eval preprocessing of ``model`` (ssf.data_config), JSON-ready: the delta's ``preprocess``."""
+    cfg = ssf.data_config(model, img_size)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
 
 
 def transforms(model: nn.Module, recipe: str, img_size: int | None = None) -> tuple[Callable, Callable]:
     """(train, eval) transforms from the backbone's pretrained_cfg; the recipe picks the augmentation."""
-    cfg = _resolved(model, img_size)
+    cfg = ssf.data_config(model, img_size)
     evaluate = create_transform(**cfg, is_training=False)
     if recipe == "vtab":  # the authors' --no-aug: squash to the input size, no crop, no augmentation
         train = create_transform(**{**cfg, "crop_pct": 1.0, "crop_mode": "squash"}, is_training=False)

@@ -26,11 +26,10 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DeviceUnavailable("device 'cuda' was asked for but torch sees no CUDA device")
-    return torch.device(device)
+    try:
+        return ssf.resolve_device(device)
+    except ssf.DeviceError as e:
+        raise DeviceUnavailable(str(e)) from None
 
 
 class TorchBackend:
