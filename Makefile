@@ -31,13 +31,12 @@ demo:
 bench:
 	$(PY) -m bench.run_all
 
-# The paper's Tables 3-4 analogue: seven methods on the offline suite with the demo backbone (~15 min).
+# The paper's comparison on the real backbone: linear, BitFit, SSF, full x 3 real-image tasks x 3 seeds (~35 min).
 compare:
 	$(PY) -m training.compare
 
-# Reproduce the shipped demo backbone and its example task deltas (assets/demo/).
+# Reproduce the demo's example task deltas and held-out samples on the real backbone (assets/demo/, ~12 min).
 demo-assets:
-	$(PY) -m training.pretrain_demo
 	$(PY) -m training.demo_tasks
 
 # The compose topology as local processes (redis-server, 2 replicas, nginx from deploy/); also part of `make test`.

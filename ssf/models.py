@@ -1,7 +1,8 @@
 """The project's own small architectures, registered with timm so every CLI takes them by name.
 
-``ssf_demo_vit`` is the offline demo backbone: a ViT small enough to pretrain on 2 CPU cores; its weights
-ship under ``assets/demo/``. It is a plain timm VisionTransformer, so every SSF rule for ViT applies.
+``ssf_demo_vit`` is a small, fast ViT (64 px, 2.7M parameters) for tests and benchmarks, with random
+weights: it is not a pretrained backbone (the demo serves ImageNet EfficientNet-Lite0, see ssf/importer.py).
+It is a plain timm VisionTransformer, so every SSF rule for ViT applies.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ default_cfgs = generate_default_cfgs({"ssf_demo_vit": _cfg()})
 def ssf_demo_vit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """ViT, 64 px input, 8 px patches, width 192, 6 blocks, 3 heads (about 2.7M parameters)."""
     if pretrained:
-        raise RuntimeError("ssf_demo_vit has no hub weights; pass --weights assets/demo/backbone.safetensors")
+        raise RuntimeError("ssf_demo_vit has no pretrained weights; it is a test and benchmark architecture")
     args: dict[str, Any] = dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3)
     return build_model_with_cfg(
         VisionTransformer,

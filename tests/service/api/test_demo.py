@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -34,7 +35,15 @@ def test_demo_starts_uploads_and_stops(tmp_path: Path, stop: signal.Signals) -> 
             assert time.monotonic() < deadline, out.read_text()[-3000:]
             time.sleep(0.3)
         text = out.read_text()
-        assert "demo: uploaded" in text and " on an orange square: [(" in text
+        # every example task uploaded with its recorded accuracy; every held-out real image right
+        assert len(re.findall(r"test accuracy \d+\.\d% on held-out real images", text)) == 3, text
+        counts = re.search(r"demo: (\d+) of (\d+) held-out real images classified correctly", text)
+        assert counts and int(counts[2]) == 6 and int(counts[1]) >= 5, text  # patches (80 %) may miss one
+        assert text.count(": correct") == int(counts[1]) and text.count(": WRONG") == 6 - int(counts[1])
+        # the server's JSON access log goes to the file the demo names, not over the demo's lines
+        log = Path(re.search(r"server log: (\S+)", text)[1])  # type: ignore[index]
+        assert not [line for line in text.splitlines() if line.lstrip().startswith("{")], text
+        assert "/predict" in log.read_text()
         proc.send_signal(stop)
         try:
             code = proc.wait(timeout=60)
