@@ -93,11 +93,10 @@ def dry_run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def resolve_device(choice: str) -> str:
-    if choice == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda but no CUDA device is available")
-    return (
-        "cuda" if choice == "auto" and torch.cuda.is_available() else ("cpu" if choice == "auto" else choice)
-    )
+    try:
+        return str(ssf.resolve_device(choice))
+    except ssf.DeviceError:
+        fail(f"--device {choice} but no CUDA device is available")
 
 
 def task_name(args: argparse.Namespace) -> str:
