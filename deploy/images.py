@@ -167,9 +167,10 @@ def host_pip_build(variant: str) -> tuple[list[str], str, str]:
     return volumes, torch_index, " ".join(args)
 
 
-def build_ssf(eng: str, variant: str, python_image: str, no_cache: bool = False) -> float:
-    """Build ssf-serve:<variant>; returns the wall time in seconds."""
-    tag = f"ssf-serve:{variant}"
+def build_ssf(eng: str, variant: str, python_image: str, no_cache: bool = False, demo: bool = False) -> float:
+    """Build ssf-serve:<variant> (or, with ``demo``, the Dockerfile's demo target as ssf-demo:<variant>);
+    returns the wall time in seconds."""
+    tag = f"ssf-demo:{variant}" if demo else f"ssf-serve:{variant}"
     cmd = [
         eng,
         "build",
@@ -184,6 +185,8 @@ def build_ssf(eng: str, variant: str, python_image: str, no_cache: bool = False)
         cmd += ["--format", "docker"]  # OCI images drop HEALTHCHECK
     if no_cache:
         cmd += ["--no-cache"]
+    if demo:
+        cmd += ["--target", "demo"]
     torch_index, pip_args = os.environ.get("TORCH_INDEX_URL"), os.environ.get("PIP_ARGS")
     if torch_index is None and not reachable(OFFICIAL_TORCH_INDEX[variant] + "/torch/"):
         if eng != "podman":
@@ -209,11 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--no-cache", action="store_true", help="a cold build")
+    p.add_argument("--demo", action="store_true", help="the demo image (compose profile demo) instead")
     a = p.parse_args(argv)
     eng = engine()
     chosen = bases(eng)
-    seconds = build_ssf(eng, a.variant, chosen["PYTHON_IMAGE"], a.no_cache)
-    log(f"built ssf-serve:{a.variant} in {seconds:.0f} s")
+    seconds = build_ssf(eng, a.variant, chosen["PYTHON_IMAGE"], a.no_cache, a.demo)
+    log(f"built {'ssf-demo' if a.demo else 'ssf-serve'}:{a.variant} in {seconds:.0f} s")
     print(f"CONTAINER_ENGINE={eng}")
     for k, v in chosen.items():
         print(f"{k}={v}")
