@@ -89,6 +89,16 @@ def classify_samples(client: Client, samples: list[dict[str, Any]]) -> tuple[int
     return correct, len(samples)
 
 
+def start_server(store: str, host: str, port: int, token: str, log: Path) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "service.cli", "--model", MODEL, "--weights", WEIGHTS]
+    cmd += ["--store", store, "--host", host, "--port", str(port)]
+    print(f"demo: starting ssf-serve ({MODEL}, ImageNet weights from {WEIGHTS}); server log: {log}")
+    with log.open("ab") as log_out:
+        return subprocess.Popen(
+            cmd, env={**os.environ, "SSF_ADMIN_TOKEN": token}, stdout=log_out, stderr=subprocess.STDOUT
+        )
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -113,13 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     token_file.chmod(0o600)
     log = work / "server.log"
 
-    cmd = [sys.executable, "-m", "service.cli", "--model", MODEL, "--weights", WEIGHTS]
-    cmd += ["--store", store, "--host", args.host, "--port", str(args.port)]
-    print(f"demo: starting ssf-serve ({MODEL}, ImageNet weights from {WEIGHTS}); server log: {log}")
-    with log.open("ab") as log_out:
-        proc = subprocess.Popen(
-            cmd, env={**os.environ, "SSF_ADMIN_TOKEN": token}, stdout=log_out, stderr=subprocess.STDOUT
-        )
+    proc = start_server(store, args.host, args.port, token, log)
     url = f"http://127.0.0.1:{args.port}"
     try:
         with Client(url, token=token) as client:

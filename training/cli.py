@@ -139,6 +139,10 @@ def check_args(args: argparse.Namespace) -> None:
         fail("--lr must be positive")
 
 
+def split_sizes(splits: data.Splits) -> dict[str, int]:
+    return {f"{k}_images": len(getattr(splits, k) or []) for k in ("train", "val", "test")}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build, train, select on val, test once, write the outputs; returns the summary."""
     check_args(args)
@@ -160,12 +164,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train_loader = make(data.ImageList(splits.train, train_tf), cfg.batch_size, True, cfg.seed)
     val_loader = make(data.ImageList(splits.val, eval_tf), cfg.batch_size, False, cfg.seed)
     result = train(model, train_loader, val_loader, cfg, num_classes, outputs.epoch_hook(model), start_epoch)
-    test_acc = None
-    if splits.test:
-        test_acc = evaluate(
-            model, make(data.ImageList(splits.test, eval_tf), cfg.batch_size, False, 0), device
-        )
-    counts = methods.count_params(model)
+    test = splits.test and make(data.ImageList(splits.test, eval_tf), cfg.batch_size, False, 0)
+    test_acc = evaluate(model, test, device) if test else None
     if args.method in methods.FOLDING and ssf.fingerprint(model) != backbone_fp:  # frozen: bit-identical
         raise RuntimeError("the frozen backbone changed during training (a norm layer left in train mode?)")
     summary = {
@@ -174,12 +174,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model,
         "site_scheme": args.sites,
         "data": args.data,
-        **counts,
+        **methods.count_params(model),
         "sites": len(sites),
         "num_classes": num_classes,
-        "train_images": len(splits.train),
-        "val_images": len(splits.val),
-        "test_images": len(splits.test or []),
+        **split_sizes(splits),
         "val_acc": result.best_val_acc,
         "test_acc": test_acc,
         "best_epoch": result.best_epoch,
