@@ -13,11 +13,10 @@ numbers go to $SSF_COMPOSE_E2E_REPORT (default: compose-e2e.json in the pytest t
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import shlex
-import socket
+import shutil
 import subprocess
 import sys
 import threading
@@ -28,21 +27,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-import safetensors.torch
-import timm
-import torch
-from PIL import Image
 
-import ssf
 from deploy import images
+from tests.helpers.deltas import task_delta
+from tests.helpers.images import encode
+from tests.helpers.models import MODEL, backbone_file
+from tests.helpers.ports import free_port
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(3600)]
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = "ssf-e2e"
-MODEL = "test_vit"
 TOKEN = "compose-e2e-token-3b9d0c"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 REPLICAS = ("ssf-1", "ssf-2")
@@ -51,49 +47,7 @@ REPORT: dict[str, Any] = {"commands": []}
 
 
 # ------------------------------------------------------------------------------------------- parts
-def backbone_file(directory: Path) -> Path:
-    torch.manual_seed(0)
-    model = timm.create_model(MODEL, pretrained=False)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    path = directory / "backbone.safetensors"
-    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
-
-
-def delta_bytes(weights: Path, task: str, seed: int, num_classes: int = 4) -> bytes:
-    model = ssf.create_backbone(MODEL, weights, num_classes=num_classes)
-    fingerprint = ssf.fingerprint(model)
-    ssf.inject_ssf(model, "foldable")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for affine in model.ssf.values():
-            affine.scale.copy_(1 + 0.3 * torch.randn(affine.scale.shape, generator=g))
-            affine.shift.copy_(0.3 * torch.randn(affine.shift.shape, generator=g))
-        for name, p in model.named_parameters():
-            if name.startswith(ssf.head_prefix(model) + "."):
-                p.copy_(torch.randn(p.shape, generator=g))
-    delta = ssf.delta_from_model(
-        model,
-        task=task,
-        backbone=MODEL,
-        backbone_fingerprint=fingerprint,
-        site_scheme="foldable",
-        labels=[f"{task}-{i}" for i in range(num_classes)],
-        metrics={"val_acc": 0.5},
-    )
-    return ssf.delta_to_bytes(delta)
-
-
-def png(seed: int) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 256, (40, 48, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(arr).save(out, format="PNG")
-    return out.getvalue()
-
-
-PNG = png(11)
+PNG = encode("PNG", 11, size=(48, 40))
 
 
 # ----------------------------------------------------------------------------------------- commands
@@ -109,13 +63,6 @@ def run(
     if check and out.returncode != 0:
         raise AssertionError(f"{line} -> {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -233,7 +180,7 @@ class Stack:
     def upload(self, task: str, seed: int, replace: bool = False) -> httpx.Response:
         r = httpx.post(
             f"{self.base}/tasks",
-            files={"delta": ("delta.safetensors", delta_bytes(self.weights, task, seed))},
+            files={"delta": ("delta.safetensors", task_delta(task, seed))},
             params={"replace": "true"} if replace else None,
             headers=AUTH,
             timeout=30,
@@ -307,7 +254,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     }
     models = tmp / "models"
     models.mkdir(mode=0o755)
-    weights = backbone_file(models)
+    weights = models / "backbone.safetensors"  # the name docker-compose.yml mounts
+    shutil.copyfile(backbone_file("vit", tmp), weights)
     weights.chmod(0o644)  # the container's uid 10001 reads it
     env_file = tmp / "serve.env"
     env_file.write_text(
