@@ -161,7 +161,9 @@ def test_dockerfile_entrypoint_flags_env_and_healthcheck() -> None:
     entry = yaml.safe_load(search(r"^ENTRYPOINT (.+)$", text, re.M).group(1))  # a JSON list
     assert entry == ["ssf-serve"] and "ssf-serve" in scripts
     cmd = yaml.safe_load(search(r"^CMD (.+)$", text, re.M).group(1))
-    env = dict(re.findall(r"\b(SSF_[A-Z_]+)=(\S+)", text))
+    # the server image's settings (the demo target after it sets SSF_WEIGHTS_CACHE, an ssf.importer variable)
+    server = text.split("\nFROM runtime AS demo")[0]
+    env = dict(re.findall(r"\b(SSF_[A-Z_]+)=(\S+)", server))
     settings = check_settings(parse_cli(cmd), env)
     assert re.search(rf"^EXPOSE {settings.port}$", text, re.M)
     health = re.search(r"HEALTHCHECK.*?(/[a-z]+)'", text, re.S)
