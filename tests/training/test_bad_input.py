@@ -7,12 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import safetensors.torch
-import timm
 
-import ssf
 from tests.helpers.images import make_folder
-from tests.helpers.models import MODEL
+from tests.helpers.models import MODEL, backbone_file
 from training import cli
 
 
@@ -78,9 +75,7 @@ def test_unknown_model_and_unknown_data(capsys: pytest.CaptureFixture[str], tmp_
 
 
 def test_weights_for_another_model(capsys: pytest.CaptureFixture[str], folder: Path, tmp_path: Path) -> None:
-    other = timm.create_model("test_convnext", num_classes=0)
-    path = tmp_path / "convnext.safetensors"
-    safetensors.torch.save_file({k: v.contiguous() for k, v in ssf.backbone_state(other).items()}, str(path))
+    path = backbone_file("convnext", tmp_path)
     msg = fails(capsys, *base(path, f"imagefolder:{folder}", tmp_path / "o"))
     assert "another model" in msg
 
