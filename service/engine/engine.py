@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
 
@@ -32,13 +33,15 @@ from service.engine.metrics import EngineMetrics
 from service.engine.protocol import (
     BackboneUnusable,
     InvalidDelta,
+    LogitsResult,
     PredictionResult,
     Unavailable,
+    VersionNotFound,
     check_task_name,
     check_top_k,
 )
 from service.engine.replicas import ReplicaFollower
-from service.engine.residency import Residency
+from service.engine.residency import Residency, TaskEntry
 from service.engine.scheduler import Pending, Scheduler
 from service.engine.workers import Workers
 from service.settings import EngineConfig
@@ -191,27 +194,64 @@ class Engine:
     async def predict(
         self, name: str, images: list[bytes], top_k: int = 5, timeout_s: float | None = None
     ) -> PredictionResult:
-        if not self.ready:
-            raise Unavailable("the engine is draining" if self.draining else "the engine is still starting")
+        self._require_ready()
         check_top_k(top_k)
+        self.preprocess.check_count(images)
+        entry, logits = await self._forward(name, len(images), images, None, timeout_s)
+        return PredictionResult(name, entry.version, top_scores(logits, entry.labels, top_k))
+
+    async def infer(
+        self,
+        name: str,
+        inputs: list[bytes] | np.ndarray,
+        version: int | None = None,
+        timeout_s: float | None = None,
+    ) -> LogitsResult:
+        self._require_ready()
+        source: list[bytes] | torch.Tensor
+        if isinstance(inputs, list):
+            self.preprocess.check_count(inputs)
+            source = inputs
+        else:  # preprocessed pixels: the same checks whoever sends them, then the same queue
+            source = self.preprocess.check_pixels(inputs)
+        n = len(source)
+        entry, logits = await self._forward(name, n, source, version, timeout_s)
+        return LogitsResult(name, entry.version, entry.labels, logits.float().numpy())
+
+    async def _forward(
+        self,
+        name: str,
+        n: int,
+        source: list[bytes] | torch.Tensor,
+        version: int | None,
+        timeout_s: float | None,
+    ) -> tuple[TaskEntry, torch.Tensor]:
+        """One request through admission, residency, decoding (for encoded images) and the scheduler."""
         timeout = timeout_s if timeout_s is not None else self.config.request_timeout_s
         deadline = time.monotonic() + timeout
-        self.preprocess.check_count(images)
-        scheduler, n = self.scheduler, len(images)
+        scheduler = self.scheduler
         scheduler.admit(n)  # overload is answered before any decoding work
         self._requests += 1
         queued = False
         try:
             entry = await self.residency.resolve(name)
+            if version is not None and entry.version != version:
+                raise VersionNotFound(
+                    f"task {name!r} serves version {entry.version}, not {version}; "
+                    "older versions are not served"
+                )
             with self.residency.hold(entry):
-                x = await self.workers.on_cpu(self.preprocess.decode_all, images)
+                if isinstance(source, torch.Tensor):
+                    x = source
+                else:
+                    x = await self.workers.on_cpu(self.preprocess.decode_all, source)
                 queued = True  # from here the scheduler holds the admission, even if submit refuses
                 logits = await scheduler.submit(entry, x, deadline, admitted=True)
         finally:
             if not queued:
                 scheduler.withdraw(n)
             self._requests -= 1
-        return PredictionResult(name, entry.version, top_scores(logits, entry.labels, top_k))
+        return entry, logits
 
     async def onnx_model(self, name: str) -> bytes:
         self._require_started()
@@ -224,6 +264,10 @@ class Engine:
         self._require_started()
         assert self._follower is not None
         return await self._follower.reconcile()
+
+    def _require_ready(self) -> None:
+        if not self.ready:
+            raise Unavailable("the engine is draining" if self.draining else "the engine is still starting")
 
     def _require_started(self) -> None:
         if not hasattr(self, "residency"):

@@ -18,23 +18,22 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import timm.data
 import torch
 from PIL import Image, ImageOps
 from torch import nn
 
-from service.engine.protocol import BadImage, ImageTooLarge, UnsupportedMediaType
+import ssf
+from service.engine.protocol import BadImage, ImageTooLarge, InvalidParameter, UnsupportedMediaType
 from service.settings import EngineConfig
-from ssf.sites import input_size
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP"})
 
 
 def data_config(model: nn.Module) -> dict[str, Any]:
-    """The backbone's preprocessing from its pretrained_cfg; the patch embed's fixed size wins."""
-    cfg = timm.data.resolve_model_data_config(model)
-    cfg["input_size"] = input_size(model)
-    return cfg
+    """The backbone's preprocessing (ssf.data_config: pretrained_cfg, the patch embed's fixed size wins)."""
+    return ssf.data_config(model)
 
 
 class Preprocessor:
@@ -63,6 +62,26 @@ class Preprocessor:
                 raise ImageTooLarge(
                     f"image {i} is {len(data)} bytes; the limit is {self.limits.max_body_bytes}"
                 )
+
+    def check_pixels(self, pixels: np.ndarray) -> torch.Tensor:
+        """Preprocessed input from a client: float32 (N, 3, H, W) at the backbone's input size, finite,
+        at most ``max_images_per_request`` images; a copy the client can no longer change."""
+        want = tuple(self.config["input_size"])
+        if not isinstance(pixels, np.ndarray) or pixels.dtype != np.float32:
+            kind = getattr(pixels, "dtype", type(pixels).__name__)
+            raise InvalidParameter(f"pixels must be float32, not {kind}", code="invalid_tensor")
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != want or pixels.shape[0] == 0:
+            raise InvalidParameter(
+                f"pixels have shape {list(pixels.shape)}; this backbone takes "
+                f"[N, {', '.join(map(str, want))}] with N >= 1",
+                code="invalid_tensor",
+            )
+        limit = self.limits.max_images_per_request
+        if pixels.shape[0] > limit:
+            raise ImageTooLarge(f"{pixels.shape[0]} images in one request; the limit is {limit}")
+        if not np.isfinite(pixels).all():
+            raise InvalidParameter("pixels hold NaN or infinite values", code="invalid_tensor")
+        return torch.from_numpy(np.array(pixels, dtype=np.float32, order="C", copy=True))
 
     def __call__(self, images: Sequence[bytes]) -> torch.Tensor:
         """``check_count``, then ``decode_all``."""

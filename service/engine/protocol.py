@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 from prometheus_client import CollectorRegistry
 
 from service.store.base import (
@@ -55,6 +56,10 @@ class UnsupportedMediaType(EngineError):  # 415
 
 class InvalidParameter(EngineError):  # 422
     code = "invalid_parameter"
+
+
+class VersionNotFound(EngineError):  # 404: the task exists, but this version is not the one it serves
+    code = "version_not_found"
 
 
 class Overloaded(EngineError):  # 429 with Retry-After
@@ -132,6 +137,16 @@ class PredictionResult:
     predictions: list[list[Scored]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class LogitsResult:
+    """Raw head outputs, for clients that want more than top-k (the Open Inference Protocol routes)."""
+
+    task: str
+    version: int
+    labels: list[str]
+    logits: np.ndarray  # (N, num_classes) float32, one row per input in request order
+
+
 @runtime_checkable
 class EngineAPI(Protocol):
     """The facade the HTTP app drives (held on ``app.state.engine``): the real ``Engine`` and the test
@@ -167,6 +182,18 @@ class EngineAPI(Protocol):
         self, name: str, images: list[bytes], top_k: int = 5, timeout_s: float | None = None
     ) -> PredictionResult: ...
 
+    async def infer(
+        self,
+        name: str,
+        inputs: list[bytes] | np.ndarray,
+        version: int | None = None,
+        timeout_s: float | None = None,
+    ) -> LogitsResult:
+        """Logits for encoded images (like ``predict``) or for preprocessed pixels: a float32 array of
+        shape (N, 3, H, W), normalized as the backbone expects. With ``version``, only that version may
+        answer (``VersionNotFound`` otherwise)."""
+        ...
+
     async def onnx_model(self, name: str) -> bytes: ...
 
 
@@ -182,6 +209,7 @@ __all__ = [
     "ImageTooLarge",
     "InvalidDelta",
     "InvalidParameter",
+    "LogitsResult",
     "Overloaded",
     "PredictionResult",
     "Scored",
@@ -194,6 +222,7 @@ __all__ = [
     "TaskNotFound",
     "Unavailable",
     "UnsupportedMediaType",
+    "VersionNotFound",
     "check_delta_size",
     "check_task_name",
     "check_top_k",

@@ -13,16 +13,20 @@ import hashlib
 import json
 from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter
 
 from service.engine.protocol import (
     BadImage,
     InvalidDelta,
+    InvalidParameter,
+    LogitsResult,
     PredictionResult,
     Scored,
     StoredTask,
     TaskExists,
     TaskNotFound,
+    VersionNotFound,
     check_delta_size,
     check_task_name,
     check_top_k,
@@ -143,6 +147,32 @@ class FakeEngine:
             task.version,
             [[Scored(labels[j], j, scores[j]) for j in range(k)] for _ in images],
         )
+
+    async def infer(
+        self,
+        name: str,
+        inputs: list[bytes] | np.ndarray,
+        version: int | None = None,
+        timeout_s: float | None = None,
+    ) -> LogitsResult:
+        """Logits whose softmax ranks class j above class j+1 (what ``predict`` answers), per input."""
+        self._maybe_fail("infer", (name, len(inputs), version))
+        task = self.tasks.get(name)
+        if task is None:
+            raise TaskNotFound(name)
+        if version is not None and version != task.version:
+            raise VersionNotFound(f"task {name!r} serves version {task.version}, not {version}")
+        if isinstance(inputs, np.ndarray):
+            if inputs.dtype != np.float32 or inputs.ndim != 4 or inputs.shape[1:] != (3, 32, 32):
+                raise InvalidParameter("pixels must be float32 [N, 3, 32, 32]", code="invalid_tensor")
+        else:
+            for i, image in enumerate(inputs):
+                if not image.startswith((PNG, JPEG)):
+                    raise BadImage(f"image {i}: not a decodable JPEG, PNG, WebP or BMP")
+        self.predictions.inc()
+        labels = task.info["labels"]
+        row = [-float(j) for j in range(len(labels))]
+        return LogitsResult(name, task.version, labels, np.array([row] * len(inputs), dtype=np.float32))
 
     async def onnx_model(self, name: str) -> bytes:
         self._maybe_fail("onnx_model", name)
