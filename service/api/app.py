@@ -19,7 +19,7 @@ from starlette.types import Scope
 from service.api import errors
 from service.api.deps import Client
 from service.api.middleware import BodyLimitMiddleware, HttpMetrics, MetricsMiddleware
-from service.api.routes import backbone, health, predict, tasks
+from service.api.routes import backbone, health, predict, tasks, v2
 from service.engine.protocol import EngineAPI, StartupError, StoreUnusable
 from service.settings import Settings
 
@@ -111,10 +111,12 @@ def create_app(settings: Settings, engine: EngineAPI | None = None) -> FastAPI:
     app.state.http_metrics = HttpMetrics()
 
     errors.install(app)
-    for module in (health, backbone, tasks):
-        app.include_router(module.router)
+    for router in (health.router, backbone.router, tasks.router, v2.router):
+        app.include_router(router)
     # Predict is open unless client tokens are configured; only then does its schema declare auth.
-    app.include_router(predict.router, dependencies=[Client] if settings.client_token_list else [])
+    # The protocol's infer routes are predict by another name: the same rule.
+    for router in (predict.router, v2.infer_router):
+        app.include_router(router, dependencies=[Client] if settings.client_token_list else [])
     # Last added is outermost: metrics see every response, including the body limit's 413s.
     app.add_middleware(
         BodyLimitMiddleware, limit_for=body_limit(settings), timeout_s=settings.request_timeout_s

@@ -2,7 +2,9 @@
 
 The body is always ``{"error": {"code": "<snake_case>", "message": "..."}}``: domain errors from the
 engine and store, FastAPI's validation errors, Starlette's 404/405, and anything unexpected (500, logged
-with its traceback, never sent to the client: internal names must not leak).
+with its traceback, never sent to the client: internal names must not leak). Under ``/v2`` (the Open
+Inference Protocol) the same errors, with the same statuses, take that protocol's shape,
+``{"error": "<message>"}``, which its clients (tritonclient, the KServe SDK) read.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from service.engine.protocol import (
     TaskNotFound,
     Unavailable,
     UnsupportedMediaType,
+    VersionNotFound,
 )
 from service.store.base import InvalidTaskName
 
@@ -51,6 +54,7 @@ class ApiError(Exception):
 STATUS: list[tuple[type[Exception], int]] = [
     (BadImage, 400),
     (TaskNotFound, 404),
+    (VersionNotFound, 404),
     (TaskExists, 409),
     (DeltaTooLarge, 413),
     (ImageTooLarge, 413),
@@ -84,14 +88,26 @@ HTTP_CODES = {
 }
 
 
-def error_body(code: str, message: str) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message}}
+OIP_PREFIX = "/v2"  # the Open Inference Protocol's routes (routes/v2.py)
+
+
+def is_oip(path: str) -> bool:
+    return path == OIP_PREFIX or path.startswith(OIP_PREFIX + "/")
+
+
+def error_body(code: str, message: str, oip: bool = False) -> dict[str, Any]:
+    return {"error": message} if oip else {"error": {"code": code, "message": message}}
 
 
 def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, *, oip: bool = False
 ) -> JSONResponse:
-    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+    return JSONResponse(error_body(code, message, oip), status_code=status, headers=headers)
+
+
+def _oip(request: Request) -> bool:
+    """Answer in the shape of the protocol the request's path speaks."""
+    return is_oip(request.url.path)
 
 
 def status_of(exc: Exception) -> int | None:
@@ -121,19 +137,19 @@ async def domain_error(request: Request, exc: Exception) -> JSONResponse:
     headers = _retry_after(exc) if status in (429, 503) else None
     if status == 503 and isinstance(exc, StoreUnavailable):
         message = "the task registry is unreachable; retry later"  # never leak the backend's address
-    return error_response(status, code, message, headers)
+    return error_response(status, code, message, headers, oip=_oip(request))
 
 
 async def client_disconnected(request: Request, exc: Exception) -> JSONResponse:
     """The client went away while we read its body: nobody is left to answer, and it is not our error
     (was a 500 with a traceback). 499 is nginx's code for it; the access log shows it."""
     log.info("client disconnected during the request body", extra={"path": request.url.path})
-    return error_response(499, "client_disconnected", "the client closed the connection")
+    return error_response(499, "client_disconnected", "the client closed the connection", oip=_oip(request))
 
 
 async def api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return error_response(exc.status, exc.code, exc.message, exc.headers)
+    return error_response(exc.status, exc.code, exc.message, exc.headers, oip=_oip(request))
 
 
 def _describe(err: dict[str, Any]) -> str:
@@ -144,7 +160,7 @@ def _describe(err: dict[str, Any]) -> str:
 async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     message = "; ".join(_describe(e) for e in exc.errors()[:5]) or "invalid request parameters"
-    return error_response(422, "invalid_parameter", message)
+    return error_response(422, "invalid_parameter", message, oip=_oip(request))
 
 
 async def http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -157,12 +173,12 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
         message = f"{request.method} is not allowed on {request.url.path}"
         allowed = allowed_methods(request.app, request.url.path)
         if allowed:  # Starlette lists only the first matching route's methods; list every route's
-            return error_response(status, code, message, {"Allow": ", ".join(allowed)})
+            return error_response(status, code, message, {"Allow": ", ".join(allowed)}, oip=_oip(request))
     else:
         message = str(exc.detail)
     if status >= 500:  # Starlette only raises these for our own bugs
         log.error("http %d on %s: %s", status, request.url.path, exc.detail)
-    return error_response(status, code, message, dict(exc.headers or {}))
+    return error_response(status, code, message, dict(exc.headers or {}), oip=_oip(request))
 
 
 @cache
@@ -181,7 +197,9 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
 
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal_error", "an internal error occurred; it has been logged")
+    return error_response(
+        500, "internal_error", "an internal error occurred; it has been logged", oip=_oip(request)
+    )
 
 
 def install(app: FastAPI) -> None:

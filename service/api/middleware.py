@@ -15,7 +15,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import ApiError, error_body
+from service.api.errors import ApiError, error_body, is_oip
 
 access_log = logging.getLogger("service.api.access")
 
@@ -26,8 +26,8 @@ def too_large(limit: int, what: str = "request body") -> ApiError:
     return ApiError(413, "payload_too_large", f"{what} exceeds the limit of {limit} bytes")
 
 
-async def _send_error(send: Send, err: ApiError) -> None:
-    body = json.dumps(error_body(err.code, err.message)).encode()
+async def _send_error(scope: Scope, send: Send, err: ApiError) -> None:
+    body = json.dumps(error_body(err.code, err.message, is_oip(scope.get("path", "")))).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
     headers.append((b"connection", b"close"))  # the rest of the body is never read
@@ -49,10 +49,10 @@ class BodyLimitMiddleware:
         limit = self.limit_for(scope)
         declared = _content_length(scope)
         if declared == -1:
-            await _send_error(send, ApiError(400, "bad_request", "Content-Length is not a number"))
+            await _send_error(scope, send, ApiError(400, "bad_request", "Content-Length is not a number"))
             return
         if declared is not None and declared > limit:
-            await _send_error(send, too_large(limit))
+            await _send_error(scope, send, too_large(limit))
             return
         received = 0
         deadline = time.monotonic() + self.timeout_s
@@ -93,7 +93,7 @@ class BodyLimitMiddleware:
         except ApiError as err:  # raised by limited_receive somewhere no handler caught it
             if err is not failure or started:
                 raise
-            await _send_error(send, err)
+            await _send_error(scope, send, err)
 
 
 def _content_length(scope: Scope) -> int | None:

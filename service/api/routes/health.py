@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.api.errors import error_response
+from service.api.errors import ApiError
 from service.api.schemas import ErrorBody, Status
 from service.engine.protocol import EngineAPI
 
@@ -20,17 +20,23 @@ async def healthz() -> Status:
     return Status(status="ok")
 
 
+def check_ready(request: Request) -> None:
+    """Readiness, the one rule ``/readyz`` and the protocol's ``/v2/health/ready`` share: 503 until the
+    backbone is loaded and warmed, and from the start of a drain."""
+    state = request.app.state
+    if state.draining:
+        raise ApiError(503, "draining", "the server is shutting down", {"Retry-After": "5"})
+    engine: EngineAPI | None = state.engine
+    if state.start_error is not None:
+        raise ApiError(503, "start_failed", "the engine failed to start; see the server log")
+    if engine is None or not engine.ready:
+        raise ApiError(503, "not_ready", "the backbone is still loading", {"Retry-After": "1"})
+
+
 @router.get("/readyz", response_model=Status, responses={503: {"model": ErrorBody}})
 async def readyz(request: Request) -> Response:
     """200 once the backbone is loaded and warmed; 503 before that and from the start of a drain."""
-    state = request.app.state
-    if state.draining:
-        return error_response(503, "draining", "the server is shutting down", {"Retry-After": "5"})
-    engine: EngineAPI | None = state.engine
-    if state.start_error is not None:
-        return error_response(503, "start_failed", "the engine failed to start; see the server log")
-    if engine is None or not engine.ready:
-        return error_response(503, "not_ready", "the backbone is still loading", {"Retry-After": "1"})
+    check_ready(request)
     return JSONResponse({"status": "ready"})
 
 

@@ -14,7 +14,11 @@ from tests.helpers.engines import FakeEngine, fake_delta
 from tests.helpers.images import png
 
 # Routes anyone may call even though they are not GETs; everything else that writes is admin.
-PUBLIC_WRITES = {("post", "/tasks/{name}/predict")}
+PUBLIC_WRITES = {
+    ("post", "/tasks/{name}/predict"),
+    ("post", "/v2/models/{name}/infer"),  # the Open Inference Protocol's predict
+    ("post", "/v2/models/{name}/versions/{version}/infer"),
+}
 ADMIN_READS = {("get", "/tasks/{name}/model.onnx")}
 
 
