@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.helpers.ports import free_port
@@ -25,7 +26,8 @@ def test_demo_starts_uploads_and_stops(tmp_path: Path, stop: signal.Signals) -> 
     """Started the way a non-interactive shell starts a background job (SIGINT ignored, inherited across
     exec: CI hung here once), the demo still stops on Ctrl-C, and on SIGTERM as `docker stop` sends."""
     out = tmp_path / "demo.log"
-    cmd = [sys.executable, "-m", "service.demo", "--port", str(free_port()), "--store", str(tmp_path / "s")]
+    port = free_port()
+    cmd = [sys.executable, "-m", "service.demo", "--port", str(port), "--store", str(tmp_path / "s")]
     with out.open("wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=ignore_sigint)
     try:
@@ -44,6 +46,10 @@ def test_demo_starts_uploads_and_stops(tmp_path: Path, stop: signal.Signals) -> 
         log = Path(re.search(r"server log: (\S+)", text)[1])  # type: ignore[index]
         assert not [line for line in text.splitlines() if line.lstrip().startswith("{")], text
         assert "/predict" in log.read_text()
+        # GET /tasks/{name} shows the accuracy each example task measured on held-out real images
+        for name, floor in (("digits", 0.95), ("faces", 0.95), ("patches", 0.75)):
+            info = httpx.get(f"http://127.0.0.1:{port}/tasks/{name}", timeout=10).json()
+            assert info["metrics"]["test_acc"] >= floor and info["metrics"]["val_acc"] > 0, info
         proc.send_signal(stop)
         try:
             code = proc.wait(timeout=60)
