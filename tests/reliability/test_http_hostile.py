@@ -10,6 +10,8 @@ store), started once for the module.
   outside the store, the loaded task still serving identical scores.
 - S7: every admin route x method (from the app's route table) with no token, a wrong token or an empty
   Bearer -> 401/403; the token never appears in the server's log.
+- S1 over the Open Inference Protocol: the hostile protocol requests (oip_corpus.oip_cases) -> 4xx in the
+  protocol's error shape, and a sample of the image corpus sent as BYTES -> the same answers as S1.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from tests.helpers.images import encode
 from tests.helpers.models import MODEL, backbone_file
 from tests.helpers.servers import Server, start, stop
 from tests.reliability import corpus
+from tests.reliability.oip_corpus import oip_cases
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -135,6 +138,50 @@ def test_s1_exif_orientation_same_scores_as_prerotated(server: Server, orientati
         want = scores(c, png(corpus.orientation_reference(orientation)))
     assert got.index(max(got)) == want.index(max(want))
     assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_s1_oip_hostile_protocol_requests(server: Server) -> None:
+    bad: list[str] = []
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        input_size = tuple(c.get("/backbone").json()["input_size"])
+        cases = list(oip_cases(encode("PNG", 7), input_size))  # type: ignore[arg-type]
+        for case in cases:
+            r = c.post(f"/v2/models/{TASK}/infer", content=case.body, headers=case.headers)
+            shape_ok = r.headers.get("content-type") == "application/json" and set(r.json()) == {"error"}
+            if not 400 <= r.status_code < 500 or not shape_ok:
+                bad.append(f"{case.name}: {r.status_code} {r.text[:200]}")
+        assert c.get("/v2/health/live").status_code == 200 and server.proc.poll() is None
+    n = len(cases)
+    assert not bad, f"{len(bad)} of {n} wrong answers:\n" + "\n".join(bad[:30])
+    assert n >= 90
+    print(f"S1-OIP: {n} hostile protocol requests, all 4xx with the protocol's error body")
+
+
+def test_s1_image_corpus_through_the_protocol(server: Server) -> None:
+    """Every 20th case of the S1 corpus as a binary BYTES input: the same verdict as on predict."""
+    bad: list[str] = []
+    cases = list(corpus.image_cases())[::20]
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for case in cases:
+            element = len(case.data).to_bytes(4, "little") + case.data
+            header = (
+                '{"inputs":[{"name":"image_bytes","shape":[1],"datatype":"BYTES",'
+                f'"parameters":{{"binary_data_size":{len(element)}}}}}]}}'
+            ).encode()
+            r = c.post(
+                f"/v2/models/{TASK}/infer",
+                content=header + element,
+                headers={"Inference-Header-Content-Length": str(len(header))},
+            )
+            wrong = (
+                r.status_code >= 500
+                or (case.expect == "ok" and r.status_code != 200)
+                or (case.expect == "reject" and not 400 <= r.status_code < 500)
+            )
+            if wrong:
+                bad.append(f"{case.name}: expected {case.expect}, got {r.status_code} {r.text[:200]}")
+    assert len(cases) >= 100
+    assert not bad, f"{len(bad)} wrong answers:\n" + "\n".join(bad[:30])
 
 
 # ------------------------------------------------------------------------------------------------ S4
@@ -281,7 +328,9 @@ def test_s7_route_table_has_the_admin_routes() -> None:
         ADMIN_ROUTES
     )
     # every mutating route other than predict must be an admin route (a new one without the check fails)
-    mutating = {(m, p) for m, p in all_routes() if m not in ("GET", "HEAD") and not p.endswith("/predict")}
+    # predict and the protocol's infer routes are the public writes (client tokens where configured)
+    public = ("/predict", "/infer")
+    mutating = {(m, p) for m, p in all_routes() if m not in ("GET", "HEAD") and not p.endswith(public)}
     assert mutating <= set(ADMIN_ROUTES), mutating - set(ADMIN_ROUTES)
 
 
