@@ -218,3 +218,17 @@ def test_every_error_code_named_in_a_route_is_in_the_error_table() -> None:
     named = {span for row in table_rows(routes) for span in code_spans(row[1] if len(row) > 1 else "")}
     unknown = sorted(named - documented)
     assert not unknown, f"route tables in {DOC} name codes missing from its 'Error codes' table: {unknown}"
+
+
+def test_no_route_schema_or_error_code_is_documented_twice() -> None:
+    """Two sections of one heading would hide each other from the checks above (the later one wins)."""
+    text, fenced, headings = read(DOC), False, []
+    for line in text.splitlines():
+        fenced = fenced != line.lstrip().startswith("```")
+        if not fenced and re.match(r"^#{2,3} ", line):
+            headings.append(line)
+    twice = sorted({h for h in headings if headings.count(h) > 1})
+    assert not twice, f"{DOC} has these headings more than once: {twice}"
+    rows = [row[0] for row in table_rows(sections(text, 2)["Error codes"]) if row[0].startswith("`")]
+    again = sorted({code for code in rows if rows.count(code) > 1})
+    assert not again, f"{DOC} lists these error codes more than once: {again}"
