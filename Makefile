@@ -11,10 +11,12 @@ install: system-deps
 	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
 	$(PIP) install -q -e ".[dev]"
 
-# redis-server (registry tests) and nginx (topology tests) from Debian, only when missing.
+# redis-server (registry tests), nginx (topology tests) and chromium + chromedriver (console browser
+# tests) from Debian, only when missing.
 system-deps:
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	@command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq nginx)
+	@command -v chromedriver >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 
 check:
 	$(PY) -m ruff check ssf training service tests bench

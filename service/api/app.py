@@ -19,7 +19,7 @@ from starlette.types import Scope
 from service.api import errors
 from service.api.deps import Client
 from service.api.middleware import BodyLimitMiddleware, HttpMetrics, MetricsMiddleware
-from service.api.routes import backbone, health, predict, tasks, v2
+from service.api.routes import backbone, console, health, predict, tasks, v2
 from service.engine.protocol import EngineAPI, StartupError, StoreUnusable
 from service.settings import Settings
 
@@ -111,7 +111,7 @@ def create_app(settings: Settings, engine: EngineAPI | None = None) -> FastAPI:
     app.state.http_metrics = HttpMetrics()
 
     errors.install(app)
-    for router in (health.router, backbone.router, tasks.router, v2.router):
+    for router in (health.router, backbone.router, tasks.router, v2.router, console.router):
         app.include_router(router)
     # Predict is open unless client tokens are configured; only then does its schema declare auth.
     # The protocol's infer routes are predict by another name: the same rule.
