@@ -9,10 +9,9 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate  # the dev extra
 import pytest
 import yaml
-
-kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install -e .[dev]")
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 # the oldest release still in common use that has every API the manifests use (autoscaling/v2: 1.23,
