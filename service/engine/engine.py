@@ -16,6 +16,7 @@ The parts, each in its own module: ``backend`` (the contract and the one selecto
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -190,6 +191,8 @@ class Engine:
         await self.workers.on_cpu(self.store.delete, name)
         if hasattr(self, "residency"):
             self.residency.drop(name)
+        with contextlib.suppress(KeyError):  # never answered here
+            self.metrics.task_images.remove(name)
 
     async def predict(
         self, name: str, images: list[bytes], top_k: int = 5, timeout_s: float | None = None
@@ -247,6 +250,7 @@ class Engine:
                     x = await self.workers.on_cpu(self.preprocess.decode_all, source)
                 queued = True  # from here the scheduler holds the admission, even if submit refuses
                 logits = await scheduler.submit(entry, x, deadline, admitted=True)
+            self.metrics.task_images.labels(name).inc(n)
         finally:
             if not queued:
                 scheduler.withdraw(n)

@@ -63,6 +63,8 @@ class EngineMetrics:
         self.rejected = Counter(
             "ssf_engine_rejected", "Requests refused or dropped, by reason", ["reason"], registry=r
         )
+        # one series per task (Triton keeps per-model counters too); removed when the task is deleted here
+        self.task_images = Counter("ssf_engine_task_images", "Images answered, by task", ["task"], registry=r)
         self.reconciles = Counter(
             "ssf_engine_reconcile_changes", "Task changes picked up from the store", ["kind"], registry=r
         )

@@ -54,8 +54,22 @@ function button(label, onClick) {
   return b;
 }
 
+// images answered per task on this replica, from the engine's Prometheus counter
+async function traffic() {
+  const counts = {};
+  const response = await fetch("/metrics");
+  if (!response.ok) return counts;
+  const pattern = /^ssf_engine_task_images_total\{task="([^"]+)"\} (\S+)$/;
+  for (const line of (await response.text()).split("\n")) {
+    const match = pattern.exec(line);
+    if (match) counts[match[1]] = Number(match[2]);
+  }
+  return counts;
+}
+
 async function loadTasks() {
   const { tasks } = await call("GET", "/tasks");
+  const counts = await traffic().catch(() => ({}));
   const body = $("tasks").querySelector("tbody");
   body.replaceChildren();
   $("no-tasks").hidden = tasks.length > 0;
@@ -68,6 +82,7 @@ async function loadTasks() {
     cell(row, `${task.num_classes}: ${labels}`);
     cell(row, accuracy(task.metrics || {}));
     cell(row, task.method);
+    cell(row, String(counts[task.name] || 0));
     const actions = cell(row, "");
     actions.appendChild(button(`Classify with ${task.name}`, () => openTask(task.name)));
     actions.appendChild(document.createTextNode(" "));

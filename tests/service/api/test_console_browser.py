@@ -15,10 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+import ssf
 from tests.helpers.api import TOKEN
-from tests.helpers.deltas import task_delta
+from tests.helpers.deltas import make_delta, make_task, task_delta
 from tests.helpers.images import encode
-from tests.helpers.models import backbone_file
+from tests.helpers.models import FAMILY_VIT, MODEL, backbone_file
 from tests.helpers.servers import Server, start, stop, upload
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -40,7 +41,10 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("console")
     s = start(tmp, backbone_file("vit", tmp))
-    assert upload(s.url, task_delta("cats", 1)).status_code == 201
+    labels = ["tabby", "siamese", "persian", "sphynx"]
+    tuned = make_task(FAMILY_VIT, 1, num_classes=4)
+    cats = make_delta(tuned, "cats", MODEL, labels=labels, metrics={"val_acc": 0.91})
+    assert upload(s.url, ssf.delta_to_bytes(cats)).status_code == 201
     yield s
     stop(s)
 
@@ -66,6 +70,7 @@ def test_console_end_to_end(server: Server, browser, tmp_path: Path) -> None:  #
     d = browser
     d.get(server.url + "/console")
     wait_text(d, "tasks", "cats")
+    assert "91.0% (val_acc)" in d.find_element(By.CSS_SELECTOR, "tr[data-task='cats']").text
     assert "test_vit" in wait_text(d, "backbone", "Backbone")
     origins = d.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert origins and all(o.startswith(server.url) for o in origins), origins  # nothing from elsewhere
@@ -103,6 +108,9 @@ def test_console_end_to_end(server: Server, browser, tmp_path: Path) -> None:  #
     d.find_element(By.CSS_SELECTOR, "#upload button[type=submit]").click()
     assert "Uploaded dogs, version 1" in wait_text(d, "status", "Uploaded")
     wait_text(d, "tasks", "dogs")
+    # traffic: the native request and the console's one image (the refused file is not counted)
+    served = d.find_element(By.CSS_SELECTOR, "tr[data-task='cats'] td:nth-child(6)").text
+    assert served == "2", served
     assert httpx.get(f"{server.url}/tasks/dogs").json()["version"] == 1
     d.find_element(By.XPATH, "//button[text()='Delete dogs']").click()
     assert "Deleted dogs" in wait_text(d, "status", "Deleted")
