@@ -112,6 +112,12 @@ def test_console_end_to_end(server: Server, browser, tmp_path: Path) -> None:  #
     served = d.find_element(By.CSS_SELECTOR, "tr[data-task='cats'] td:nth-child(6)").text
     assert served == "2", served
     assert httpx.get(f"{server.url}/tasks/dogs").json()["version"] == 1
+    # replace: the same file under the name cats, as a new version
+    d.find_element(By.ID, "delta-name").send_keys("cats")
+    d.find_element(By.ID, "replace").click()
+    d.find_element(By.CSS_SELECTOR, "#upload button[type=submit]").click()
+    assert "Uploaded cats, version 2" in wait_text(d, "status", "Uploaded cats")
+    assert httpx.get(f"{server.url}/tasks/cats").json()["version"] == 2
     d.find_element(By.XPATH, "//button[text()='Delete dogs']").click()
     assert "Deleted dogs" in wait_text(d, "status", "Deleted")
     assert httpx.get(f"{server.url}/tasks/dogs").status_code == 404
@@ -119,7 +125,7 @@ def test_console_end_to_end(server: Server, browser, tmp_path: Path) -> None:  #
     # every form control has a label
     for control in d.find_elements(By.CSS_SELECTOR, "input"):
         assert d.find_elements(By.CSS_SELECTOR, f"label[for='{control.get_attribute('id')}']"), control
-    if os.environ.get("SSF_CONSOLE_SCREENSHOT"):
+    if os.environ.get("SSF_CONSOLE_SCREENSHOT"):  # docs/console.png (the cats row then shows version 2)
         d.find_element(By.XPATH, "//button[text()='Classify with cats']").click()
         d.find_element(By.ID, "image-file").send_keys(str(image))
         wait_text(d, "answer", "answered")
