@@ -192,6 +192,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.method in methods.FOLDING:
             preprocess = data.data_config(model, args.img_size)
             outputs.write_delta(model, name, args.model, backbone_fp, args.sites, preprocess, metrics)
+            served = ssf.data_config(model)["input_size"]
+            if preprocess["input_size"] != list(served):
+                print(
+                    f"ssf-train: note: trained at {preprocess['input_size']}; ssf-serve preprocesses every "
+                    f"task at the backbone's {list(served)}, so expect a different accuracy there",
+                    file=sys.stderr,
+                )
         outputs.write_summary(summary)
         if not args.no_plots:
             outputs.write_plots(model, result.history)
