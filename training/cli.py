@@ -24,7 +24,7 @@ from training.loop import TrainConfig, config_dict, evaluate, init_distributed, 
 from training.run_io import Outputs, ResumeError
 
 DATA_HELP = "imagefolder:DIR | vtab:DIR | digits[:N] | faces[:N] | patches[:N] | procedural:TASK[:N]"
-TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+TASK_NAME_RE = ssf.delta.TASK_NAME_RE  # the delta format owns the rule
 DEFAULT_LR = {"full": 1e-4}
 USER_ERRORS = (
     data.DataError,
@@ -101,7 +101,7 @@ def resolve_device(choice: str) -> str:
 
 def task_name(args: argparse.Namespace) -> str:
     name = args.task_name or re.sub(r"[^a-z0-9_.-]+", "-", args.out.resolve().name.lower()).strip("-._")
-    if not TASK_NAME_RE.match(name or ""):
+    if not TASK_NAME_RE.fullmatch(name or ""):  # fullmatch: "$" would let "name\n" through
         fail(f"task name {name!r} must match {TASK_NAME_RE.pattern}; pass --task-name")
     return name
 
