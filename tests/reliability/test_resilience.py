@@ -113,7 +113,8 @@ def test_r1_r10_overload(overload_server: servers.Server) -> None:
         f"{p99(ok) * 1000:.1f} ms, max {max(ok, default=0) * 1000:.1f} ms), {len(rejected)} rejected "
         f"({sorted({s for s, _ in rejected})}), {len(bad)} without 429/503+Retry-After"
     )
-    assert not bad
+    transport = [h.get("error") for s, h in rejected if s == 0]
+    assert not bad, f"transport errors (first 3): {transport[:3]}"
     assert rejected, "48 concurrent clients against a queue of 16 should have been refused some of the time"
     # No admitted request waited in the queue longer than the queue timeout (server-side histogram). The
     # client-side p99 is printed, not asserted: the 48-coroutine client shares the 2 cores with the server,
