@@ -141,6 +141,7 @@ def serve(settings: Settings) -> str | None:
         access_log=False,
         server_header=False,
         timeout_graceful_shutdown=int(settings.graceful_timeout_s),
+        timeout_keep_alive=max(1, int(settings.keep_alive_s)),
         lifespan="on",
     )
 

@@ -96,6 +96,10 @@ class Settings(EngineConfig, BaseSettings):
     # requests get graceful_timeout_s to finish
     drain_delay_s: float = Field(2.0, ge=0)
     graceful_timeout_s: float = Field(30.0, ge=0)
+    # idle keep-alive connections stay open this long: longer than nginx's upstream keepalive_timeout (60 s)
+    # and httpx's pool expiry (5 s), so the server never closes a connection a proxy or client is reusing
+    # (uvicorn's 5 s default races them: the reuse gets a reset instead of a response)
+    keep_alive_s: float = Field(75.0, gt=0)
 
     @field_validator("admin_token", "client_tokens", mode="before")
     @classmethod
