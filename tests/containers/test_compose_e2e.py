@@ -93,20 +93,15 @@ class Stack:
             raise AssertionError(f"{line} -> {out.returncode}\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
         return out
 
+    def containers(self, service: str, check: bool = True) -> list[str]:
+        """Ids of the compose project's containers for ``service`` (running or not)."""
+        label = "label=com.docker.compose"
+        cmd = [self.engine, "ps", "-a", "-q", "--filter", f"{label}.project={PROJECT}"]
+        cmd += ["--filter", f"{label}.service={service}"]
+        return run(cmd, check=check).stdout.split()
+
     def container(self, service: str) -> str:
-        out = run(
-            [
-                self.engine,
-                "ps",
-                "-a",
-                "-q",
-                "--filter",
-                f"label=com.docker.compose.project={PROJECT}",
-                "--filter",
-                f"label=com.docker.compose.service={service}",
-            ]
-        )
-        ids = out.stdout.split()
+        ids = self.containers(service)
         assert len(ids) == 1, f"{service}: containers {ids}"
         return ids[0]
 
@@ -545,18 +540,6 @@ def test_demo_profile_serves_the_example_tasks(stack: Stack) -> None:
             answers[task] = r.json()["predictions"][0][0]["label"]
         REPORT["demo"] = {"up_to_serving_s": round(ready_s, 1), "tasks": tasks, "top1": answers}
     finally:
-        cid = run(
-            [
-                stack.engine,
-                "ps",
-                "-a",
-                "-q",
-                "--filter",
-                f"label=com.docker.compose.project={PROJECT}",
-                "--filter",
-                "label=com.docker.compose.service=demo",
-            ],
-            check=False,
-        ).stdout.split()
+        cid = stack.containers("demo", check=False)
         if cid:
             run([stack.engine, "rm", "-f", *cid], check=False)
