@@ -66,6 +66,30 @@ class EngineConfig(BaseModel):
     )
     path_policy: Literal["auto", "mixed", "merged"] = "auto"
 
+    # task lifecycle: evaluation, shadow traffic, per-task metrics
+    eval_max_images: int = Field(default=10_000, ge=1, description="labelled images in one evaluation")
+    eval_sync_max_images: int = Field(
+        default=256, ge=0, description="larger evaluations run as a job (202 and a status URL)"
+    )
+    eval_max_body_bytes: int = Field(
+        default=256 * MiB, ge=1024, description="body limit of POST /tasks/{name}/evaluate"
+    )
+    eval_max_unpacked_bytes: int = Field(
+        default=512 * MiB, ge=1024, description="total uncompressed size of an evaluation archive"
+    )
+    eval_max_compression_ratio: float = Field(
+        default=100.0, ge=1, description="uncompressed/compressed size limit per archive entry (zip bombs)"
+    )
+    shadow_fraction: float = Field(
+        default=0.1, ge=0, le=1, description="share of a task's live requests also run on its staged version"
+    )
+    metrics_top_tasks: int = Field(
+        default=20, ge=0, description="tasks with their own per-task metric series; the rest are 'other'"
+    )
+    cuda_graphs: bool = Field(
+        default=True, description="on CUDA, replay the mixed path as CUDA graphs (one per padded batch size)"
+    )
+
     @model_validator(mode="after")
     def _consistent(self) -> EngineConfig:
         if self.backend == "onnx" and (self.dtype != "float32" or self.device == "cuda"):

@@ -84,4 +84,7 @@ def select_backend(
     from service.engine.torch_backend import DTYPES, TorchBackend, resolve_device
 
     device = resolve_device(config.device)
-    return TorchBackend(model, sites, device, DTYPES[config.dtype], config.max_cache_bytes, metrics)
+    backend = TorchBackend(model, sites, device, DTYPES[config.dtype], config.max_cache_bytes, metrics)
+    if device.type == "cuda" and config.cuda_graphs:
+        backend.use_cuda_graphs(config.max_batch_size)
+    return backend

@@ -146,23 +146,34 @@ class MixedModel:
         ssf.attach_sites(model, sites, lambda site: GatherAffine(site, tables))
         self.heads = HeadRunner(model)
         self.linear_head = _linear_head_keys(model)
+        self.graphed: Any = None  # a CUDA-graph runner of ``trunk`` (service.engine.cuda_graphs), on CUDA
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, groups: list[tuple[TaskEntry, int]]) -> list[torch.Tensor]:
         """``groups``: (entry, count) runs in batch order; returns each group's logits."""
-        rows = [entry.row for entry, n in groups for _ in range(n)]
-        self.tables.gather(torch.tensor(rows, dtype=torch.long, device=x.device))
+        rows = torch.tensor([entry.row for entry, n in groups for _ in range(n)], dtype=torch.long)
+        trunk = self.graphed(x, rows) if self.graphed is not None else self.trunk(x, rows.to(x.device))
+        return self.heads_of(trunk, groups)
+
+    def trunk(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Everything shared by the batch: the gathered sites, the features and, when the head is one
+        Linear, the pre-logits (pooling and norms before it are shared too)."""
+        self.tables.gather(rows)
         feats = self.model.forward_features(x)  # type: ignore[operator]
+        if self.linear_head is not None:
+            return self.model.forward_head(feats, pre_logits=True)  # type: ignore[operator,no-any-return]
+        return feats  # type: ignore[no-any-return]
+
+    def heads_of(self, trunk: torch.Tensor, groups: list[tuple[TaskEntry, int]]) -> list[torch.Tensor]:
         out, start = [], 0
         if self.linear_head is not None:
-            # The task head is one Linear: pooling and norms before it are shared, so pre-logits are
-            # computed once for the batch and each group costs one small matmul (no functional_call).
+            # each group costs one small matmul on the shared pre-logits (no functional_call)
             weight, bias = self.linear_head
-            pre = self.model.forward_head(feats, pre_logits=True)  # type: ignore[operator]
             for entry, n in groups:
-                out.append(F.linear(pre[start : start + n], entry.head[weight], entry.head.get(bias)))
+                out.append(F.linear(trunk[start : start + n], entry.head[weight], entry.head.get(bias)))
                 start += n
             return out
+        feats = trunk
         for entry, n in groups:
             params = {f"model.{k}": v for k, v in entry.head.items()}
             out.append(functional_call(self.heads, params, (feats[start : start + n],)))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -53,11 +54,16 @@ def export_plain(model: nn.Module, example: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def new_session(data: bytes) -> ort.InferenceSession:
+def new_session(data: bytes, device: str = "cpu") -> ort.InferenceSession:
+    """A session on the CPU, or on ONNX Runtime's CUDA provider (onnxruntime-gpu, the ``gpu`` extra) with
+    TF32 off so float32 stays float32."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # no busy-waiting between runs: the idle pool would steal the cores the PyTorch path is using
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if device == "cuda":
+        providers: list[Any] = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+        return ort.InferenceSession(data, options, providers=providers)
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 

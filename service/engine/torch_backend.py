@@ -48,6 +48,10 @@ class TorchBackend:
         metrics: EngineMetrics,
     ) -> None:
         self.device, self.dtype, self.metrics = device, dtype, metrics
+        if device.type == "cuda" and dtype == torch.float32:
+            # TF32 (on by default for cuDNN convolutions) keeps 10 mantissa bits: float32 must stay exact
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.base: dict[str, torch.Tensor] = dict(model.state_dict())  # pristine; shares the model's storage
         self.sites = [s for s in sites if s.foldable]
@@ -58,6 +62,16 @@ class TorchBackend:
         self.mixed = MixedModel(model, self.sites, self.tables)
         self.cache: ByteLRU[nn.Module] = ByteLRU("merged", max_cache_bytes, metrics)
         self._exporter: OnnxGraphs | None = None  # built on the first export (imports onnx)
+
+    def use_cuda_graphs(self, max_batch: int) -> None:
+        """Replay the mixed path's trunk as CUDA graphs, one per power-of-two batch up to ``max_batch``."""
+        from service.engine.cuda_graphs import GraphedTrunk
+
+        sizes = tuple(1 << i for i in range(max(1, max_batch - 1).bit_length() + 1))
+        tables = self.tables
+        self.mixed.graphed = GraphedTrunk(
+            self.mixed.trunk, lambda: (tables.scale_all.data_ptr(), tables.shift_all.data_ptr()), sizes
+        )
 
     # --------------------------------------------------------------------------------- residency
     def install(self, entry: TaskEntry) -> None:
