@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 from collections.abc import Callable
 from typing import Any
 
@@ -113,9 +114,9 @@ def measure_dtype(
             backend.run_mixed(x, g)
             backend.mixed.graphed = None
 
-        runs = {
-            "bare": synced(lambda x=x: backend.run_bare(x), device),
-            "merged": synced(lambda x=x: backend.run_merged(hot, x), device),
+        runs: dict[str, Callable[[], None]] = {
+            "bare": synced(partial(backend.run_bare, x), device),
+            "merged": synced(partial(backend.run_merged, hot, x), device),
             "mixed": synced(mixed, device),
         }
         if graphed is not None:
@@ -151,7 +152,9 @@ def plot(results: list[dict[str, Any]], path: Any) -> None:
             left.plot(bs, [r["img_s"] for r in rs], "o-", label=dtype)
             right.plot(bs, [r["mixed"] for r in rs], "s-", label=f"mixed / bare, {dtype}")
             if rs[0].get("mixed_graph") is not None:
-                right.plot(bs, [r["mixed_graph"] for r in rs], "^-", label=f"mixed (CUDA graph) / bare, {dtype}")
+                right.plot(
+                    bs, [r["mixed_graph"] for r in rs], "^-", label=f"mixed (CUDA graph) / bare, {dtype}"
+                )
             right.plot(bs, [r["merged"] for r in rs], "o--", label=f"merged / bare, {dtype}")
         for ax in (left, right):
             ax.set_xscale("log", base=2)
@@ -172,13 +175,15 @@ def report(results: list[dict[str, Any]]) -> str:
         machine_line(),
     ]
     if results and results[0]["device"].type == "cuda":
-        lines.append(f"Device: **{torch.cuda.get_device_name(results[0]['device'])}**, torch {torch.__version__}.")
+        lines.append(
+            f"Device: **{torch.cuda.get_device_name(results[0]['device'])}**, torch {torch.__version__}."
+        )
     lines += [
         "",
         "`python -m bench.gpu_bench`: random weights, pre-decoded tensors on the device, mixed batches of "
         "all-distinct tasks, each time the median of interleaved repeats, every forward synchronised and "
         "its logits copied to the host (as the server does). MFU = forward FLOPs x images/s of the bare "
-        "backbone / the device's dense peak for the dtype. \"mixed (graph)\" is the mixed path replayed "
+        'backbone / the device\'s dense peak for the dtype. "mixed (graph)" is the mixed path replayed '
         "from CUDA graphs (`SSF_CUDA_GRAPHS`, on by default on CUDA), the bare backbone stays eager.",
     ]
     for res in results:

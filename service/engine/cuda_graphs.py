@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -47,7 +48,7 @@ class GraphedTrunk:
         self.graphs: dict[int, _Graph] = {}
         self.failed: set[int] = set()
         self.key: tuple[int, ...] | None = None
-        self.pool: object | None = None
+        self.pool: Any = None  # one memory pool shared by every size's graph
         self.captures = 0
 
     def padded(self, batch: int) -> int | None:

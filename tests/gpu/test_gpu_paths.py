@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import ssf
-from ssf.layers import head_tensors, site_tensors
+from ssf.layers import CONTAINER, head_tensors, site_tensors
 from tests.helpers.models import MODELS, backbone_file, make
 
 pytestmark = [
@@ -49,7 +49,7 @@ def tuned_model(family: str, seed: int) -> torch.nn.Module:
     ssf.inject_ssf(model)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for affine in model.ssf.values():
+        for affine in getattr(model, CONTAINER).values():
             affine.scale.copy_(1 + 0.3 * torch.randn(affine.scale.shape, generator=g))
             affine.shift.copy_(0.3 * torch.randn(affine.shift.shape, generator=g))
     return model.eval()
@@ -153,7 +153,9 @@ def test_engine_serves_on_cuda_end_to_end(tmp_path: Path) -> None:
     for policy in ("mixed", "merged"):
         for i, (x, result) in enumerate(asyncio.run(scenario(policy))):
             want = torch.softmax(reference(models[i], x), -1)
-            got = torch.tensor([[s.score for s in sorted(row, key=lambda s: s.index)] for row in result.predictions])
+            got = torch.tensor(
+                [[s.score for s in sorted(row, key=lambda s: s.index)] for row in result.predictions]
+            )
             err = float((got - want).abs().max())
             record(test="engine", policy=policy, task=i, score_abs_err=err)
             assert torch.equal(got.argmax(-1), want.argmax(-1)) and err <= 1e-4, (policy, i, err)
@@ -169,10 +171,43 @@ def test_onnx_runtime_cuda_provider_matches_the_reference(family: str) -> None:
 
     (tuned,) = [tuned_model(family, 3)]
     base = make(family)
-    graphs = OnnxGraphs(meta_skeleton(base), base.state_dict(), [s for s in ssf.find_sites(base) if s.foldable])
+    graphs = OnnxGraphs(
+        meta_skeleton(base), base.state_dict(), [s for s in ssf.find_sites(base) if s.foldable]
+    )
     (entry,) = entries_for(family, [tuned])
     session = new_session(graphs.merged_bytes(entry.delta), device="cuda")
     assert session.get_providers()[0] == "CUDAExecutionProvider"
     x = torch.randn(3, *ssf.sites.input_size(tuned), generator=torch.Generator().manual_seed(9))
     got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
     check(family, "float32", "onnx-cuda", got, reference(tuned, x))
+
+
+@pytest.mark.parametrize("family", ["vit", "efficientnet", "swin"])
+def test_cuda_graph_replays_equal_the_eager_mixed_path(family: str) -> None:
+    """Padded sizes (3 -> 4), several batches through one graph, and a table that grows between replays
+    (its graphs are dropped and captured again): every answer equals the folded reference."""
+    from service.engine.metrics import EngineMetrics
+    from service.engine.torch_backend import TorchBackend
+
+    tuned = [tuned_model(family, seed) for seed in range(12)]
+    backend = TorchBackend(
+        make(family), ssf.find_sites(make(family)), CUDA, torch.float32, 1 << 32, EngineMetrics()
+    )
+    backend.use_cuda_graphs(8)
+    graphed = backend.mixed.graphed
+    entries = entries_for(family, tuned)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, *ssf.sites.input_size(tuned[0]), generator=g)
+    for e in entries[:6]:  # capacity 8: 6 rows + the identity fit; the next installs grow the table
+        backend.install(e)
+    for first, second in ((0, 1), (2, 3), (4, 5)):
+        out = backend.run_mixed(x, [(entries[first], 1), (entries[second], 2)])
+        check(family, "float32", "mixed-graph", out[0], reference(tuned[first], x[:1]))
+        check(family, "float32", "mixed-graph", out[1], reference(tuned[second], x[1:]))
+    assert graphed.captures == 1 and 4 in graphed.graphs and not graphed.failed
+    for e in entries[6:]:
+        backend.install(e)  # the table doubles: new addresses
+    out = backend.run_mixed(x, [(entries[11], 3)])
+    check(family, "float32", "mixed-graph", out[0], reference(tuned[11], x))
+    assert graphed.captures == 2
+    record(test="graph", family=family, captures=graphed.captures)
