@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from functools import partial
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
