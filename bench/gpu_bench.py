@@ -184,7 +184,7 @@ def report(results: list[dict[str, Any]]) -> str:
         "all-distinct tasks, each time the median of interleaved repeats, every forward synchronised and "
         "its logits copied to the host (as the server does). MFU = forward FLOPs x images/s of the bare "
         'backbone / the device\'s dense peak for the dtype. "mixed (graph)" is the mixed path replayed '
-        "from CUDA graphs (`SSF_CUDA_GRAPHS`, on by default on CUDA), the bare backbone stays eager.",
+        "from CUDA graphs (`SSF_CUDA_GRAPHS=true`), the bare backbone stays eager.",
     ]
     for res in results:
         lines += [

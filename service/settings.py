@@ -87,7 +87,9 @@ class EngineConfig(BaseModel):
         default=20, ge=0, description="tasks with their own per-task metric series; the rest are 'other'"
     )
     cuda_graphs: bool = Field(
-        default=True, description="on CUDA, replay the mixed path as CUDA graphs (one per padded batch size)"
+        default=False,
+        description="on CUDA, replay the mixed path as CUDA graphs (one per padded batch size); off until "
+        "tests/gpu has passed on a device",
     )
 
     @model_validator(mode="after")
@@ -114,6 +116,12 @@ class Settings(EngineConfig, BaseSettings):
     client_tokens: SecretStr | None = Field(
         None, description="comma-separated tokens; when set, predict needs one of them (or the admin token)"
     )
+    token_secret: SecretStr | None = Field(
+        None, description="key of the HMAC that stores tenant tokens (docs/multi-team.md); unset: no stored tokens"
+    )
+    tenant_refresh_s: float = Field(
+        1.0, gt=0, description="how often a replica reloads tenants and tokens from the store"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # shutdown: readiness turns 503 for drain_delay_s before the listener closes, then in-flight
@@ -125,7 +133,7 @@ class Settings(EngineConfig, BaseSettings):
     # (uvicorn's 5 s default races them: the reuse gets a reset instead of a response)
     keep_alive_s: float = Field(75.0, gt=0)
 
-    @field_validator("admin_token", "client_tokens", mode="before")
+    @field_validator("admin_token", "client_tokens", "token_secret", mode="before")
     @classmethod
     def _empty_token_is_none(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():
