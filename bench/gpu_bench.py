@@ -221,8 +221,9 @@ def main(quick: bool = False, argv: list[str] | None = None) -> None:
         if not path.exists():
             write_section(
                 SECTION,
-                "## GPU set: ViT-B/16 at 224, fp16/bf16 (B1, B3 on GPU)\n\nNot measured yet: no CUDA device "
-                "on any machine that ran `make bench` so far. `python -m bench.gpu_bench` runs it.",
+                "## GPU set: ViT-B/16 and EfficientNet-Lite0 at 224, fp16/bf16 (B1, B3 on GPU)\n\nNot "
+                "measured yet: no CUDA device on any machine that ran `make bench` so far. "
+                "`bash bench/gpu_run.sh` runs tests/gpu and this benchmark on one.",
             )
         print("[gpu_bench] no CUDA device: the GPU set is skipped", flush=True)
         return
