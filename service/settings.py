@@ -117,7 +117,8 @@ class Settings(EngineConfig, BaseSettings):
         None, description="comma-separated tokens; when set, predict needs one of them (or the admin token)"
     )
     token_secret: SecretStr | None = Field(
-        None, description="key of the HMAC that stores tenant tokens (docs/multi-team.md); unset: no stored tokens"
+        None,
+        description="key of the HMAC that stores tenant tokens (docs/multi-team.md); unset: no stored tokens",
     )
     tenant_refresh_s: float = Field(
         1.0, gt=0, description="how often a replica reloads tenants and tokens from the store"

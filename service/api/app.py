@@ -17,11 +17,14 @@ from fastapi import FastAPI
 from starlette.types import Scope
 
 from service.api import errors
-from service.api.deps import Client
+from service.api.deps import Authorize, Client
 from service.api.middleware import BodyLimitMiddleware, HttpMetrics, MetricsMiddleware
-from service.api.routes import backbone, console, health, predict, tasks, v2
+from service.api.routes import backbone, console, evaluate, health, predict, tasks, tokens, v2
 from service.engine.protocol import EngineAPI, StartupError, StoreUnusable
 from service.settings import Settings
+from service.tenants.backends import open_backend
+from service.tenants.metrics import TenantMetrics
+from service.tenants.service import Tenants
 
 log = logging.getLogger("service.api")
 
@@ -47,6 +50,8 @@ def body_limit(settings: Settings) -> Callable[[Scope], int]:
     def limit_for(scope: Scope) -> int:
         if scope.get("method") == "POST" and scope.get("path", "").rstrip("/") == "/tasks":
             return settings.max_upload_body_bytes
+        if scope.get("method") == "POST" and scope.get("path", "").rstrip("/").endswith("/evaluate"):
+            return settings.eval_max_body_bytes  # labelled images: many at once, or one archive
         return settings.max_body_bytes
 
     return limit_for
@@ -82,10 +87,12 @@ def create_app(settings: Settings, engine: EngineAPI | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         starter = asyncio.create_task(_start_engine(app, settings), name="ssf-engine-start")
+        await app.state.tenants.start()
         try:
             yield
         finally:
             begin_drain(app)
+            await app.state.tenants.stop()
             if not starter.done():
                 starter.cancel()
             await asyncio.gather(starter, return_exceptions=True)
@@ -102,6 +109,7 @@ def create_app(settings: Settings, engine: EngineAPI | None = None) -> FastAPI:
         summary="Serve many SSF tasks on one frozen backbone",
         version="1",
         lifespan=lifespan,
+        dependencies=[Authorize],  # every route: the route table of service/api/auth.py
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -109,10 +117,14 @@ def create_app(settings: Settings, engine: EngineAPI | None = None) -> FastAPI:
     app.state.start_error = None
     app.state.on_fatal = None
     app.state.http_metrics = HttpMetrics()
+    secret = settings.token_secret.get_secret_value().encode() if settings.token_secret else None
+    app.state.tenants = Tenants(open_backend(settings.store), secret, settings.tenant_refresh_s)
+    app.state.tenant_metrics = TenantMetrics(app.state.http_metrics.registry)
 
     errors.install(app)
-    for router in (health.router, backbone.router, tasks.router, v2.router, console.router):
+    for router in (health.router, backbone.router, tasks.router, v2.router, console.router, tokens.router):
         app.include_router(router)
+    app.include_router(evaluate.router)
     # Predict is open unless client tokens are configured; only then does its schema declare auth.
     # The protocol's infer routes are predict by another name: the same rule.
     for router in (predict.router, v2.infer_router):

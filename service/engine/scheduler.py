@@ -12,15 +12,26 @@ on one of three paths:
 Admission is checked once per request, before any decoding: ``admit`` reserves the request's images and
 ``submit`` queues them against that reservation. Requests whose deadline has passed are never executed; a
 full queue answers Overloaded at once. The knobs are ``EngineConfig``'s, under their ``SSF_*`` names.
+
+Fair share (docs/multi-team.md): each request runs in a ``Lane`` (its tenant, the tenant's weight, and its
+priority class), which the HTTP layer sets in the ``LANE`` context variable. Batches are filled in weighted
+fair queuing order (start-time fair queuing over images: a tenant's next request is tagged
+``max(V, its last finish) + images / weight``, smallest tag first), interactive before batch within a
+tenant. While several tenants are active each may hold at most its weighted share of ``max_queue_size``
+(at least one request's worth), so a tenant that offers more than its share is answered 429 while the
+others keep their place. With one tenant (every request without one shares the lane ``-``) nothing differs
+from plain arrival order and one queue bound.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -35,12 +46,32 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
+class Lane:
+    """Who a request is queued for: a tenant (``-`` for none), its weight, and its priority class."""
+
+    tenant: str = "-"
+    weight: float = 1.0
+    batch: bool = False  # the batch class runs after the tenant's interactive requests
+    images: int = 0  # images this request was admitted with (the HTTP layer charges quotas with it)
+
+
+DEFAULT_LANE = Lane()
+LANE: ContextVar[Lane | None] = ContextVar("ssf_lane", default=None)
+ACTIVE_S = 2.0  # a tenant counts as active this long after its last request, for the queue shares
+
+
+def current_lane() -> Lane:
+    return LANE.get() or DEFAULT_LANE
+
+
+@dataclass(eq=False)
 class Pending:
     entry: TaskEntry
     x: torch.Tensor
     deadline: float  # time.monotonic()
     future: asyncio.Future[torch.Tensor]
     enqueued: float = field(default_factory=time.monotonic)
+    lane: Lane = DEFAULT_LANE
 
     @property
     def n(self) -> int:
@@ -95,6 +126,11 @@ class Scheduler:
         self.images_waiting = 0
         self.images_admitted = 0  # admitted, not yet queued (decoding)
         self.busy = False
+        self.held: dict[str, int] = {}  # images admitted or waiting, by tenant
+        self.seen: dict[str, tuple[float, float]] = {}  # tenant -> (weight, last request at)
+        self._vtime = 0.0  # weighted fair queuing: the start tag of the last request taken
+        self._finish: dict[str, float] = {}  # tenant -> the finish tag of its last request taken
+        self._tags: dict[int, tuple[str, float, float]] = {}  # id(Pending) -> (tenant, start, finish)
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -120,23 +156,67 @@ class Scheduler:
             if not p.future.done():
                 p.future.set_exception(DeadlineExceeded("the server stopped before this request ran"))
         self.queue.clear()
+        self.held.clear()
+
+    # ---------------------------------------------------------------------------- admission
+    def share(self, lane: Lane) -> int | None:
+        """The images ``lane``'s tenant may hold while other tenants are active; None when it is alone."""
+        now = time.monotonic()
+        self.seen[lane.tenant] = (lane.weight, now)
+        active = {t: w for t, (w, at) in self.seen.items() if self.held.get(t, 0) > 0 or now - at < ACTIVE_S}
+        for t in [t for t in self.seen if t not in active]:
+            del self.seen[t]  # bounded by the tenants active in the last ACTIVE_S
+        if len(active) <= 1:
+            return None
+        bound = math.ceil(self.config.max_queue_size * lane.weight / sum(active.values()))
+        return max(bound, self.config.max_images_per_request)
+
+    def _refuse(self, held: int, limit: int, tenant: str | None) -> Overloaded:
+        self.metrics.rejected.labels("queue_full").inc()
+        per_image = self.costs.per_image_s.get("mixed", 0.01)
+        retry = max(1.0, round(held * per_image, 1))
+        who = f"tenant {tenant!r} holds" if tenant else "the queue holds"
+        return Overloaded(f"{who} {held} images (limit {limit})", retry)
+
+    def precheck(self) -> None:
+        """Refuse a tenant's request before its body is read when its share is already full."""
+        lane = current_lane()
+        bound = self.share(lane)
+        if bound is not None and self.held.get(lane.tenant, 0) >= bound:
+            raise self._refuse(self.held.get(lane.tenant, 0), bound, lane.tenant)
 
     def admit(self, n: int) -> None:
-        """Reserve room for ``n`` images, or refuse at once (before any decoding) when the queue is full.
-        The caller then either ``submit``s them or ``withdraw``s the reservation."""
+        """Reserve room for ``n`` images, or refuse at once (before any decoding) when the queue (or, with
+        several tenants active, the tenant's share of it) is full. The caller then either ``submit``s
+        them or ``withdraw``s the reservation, in the same context (the lane is read from it)."""
         if self.closed:
             raise Unavailable("the engine is stopping")
-        held = self.images_waiting + self.images_admitted
-        if held + n > self.config.max_queue_size:
-            self.metrics.rejected.labels("queue_full").inc()
-            per_image = self.costs.per_image_s.get("mixed", 0.01)
-            retry = max(1.0, round(held * per_image, 1))
-            raise Overloaded(f"{held} images are queued (limit {self.config.max_queue_size})", retry)
+        lane = current_lane()
+        bound = self.share(lane)
+        if bound is None:
+            held = self.images_waiting + self.images_admitted
+            if held + n > self.config.max_queue_size:
+                raise self._refuse(held, self.config.max_queue_size, None)
+        else:
+            mine = self.held.get(lane.tenant, 0)
+            if mine + n > bound:
+                raise self._refuse(mine, bound, lane.tenant)
         self.images_admitted += n
+        self.held[lane.tenant] = self.held.get(lane.tenant, 0) + n
+        if lane is not DEFAULT_LANE:
+            lane.images += n
+
+    def _release(self, tenant: str, n: int) -> None:
+        left = self.held.get(tenant, 0) - n
+        if left > 0:
+            self.held[tenant] = left
+        else:
+            self.held.pop(tenant, None)
 
     def withdraw(self, n: int) -> None:
         """Give back an admission that will not be submitted (the request failed before it was queued)."""
         self.images_admitted -= n
+        self._release(current_lane().tenant, n)
 
     def submit(
         self, entry: TaskEntry, x: torch.Tensor, deadline: float, admitted: bool = False
@@ -146,10 +226,12 @@ class Scheduler:
         if not admitted:
             self.admit(n)
         self.images_admitted -= n
+        lane = current_lane()
         if self.closed:
+            self._release(lane.tenant, n)
             raise Unavailable("the engine is stopping")
         future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
-        self.queue.append(Pending(entry, x, deadline, future))
+        self.queue.append(Pending(entry, x, deadline, future, lane=lane))
         self.images_waiting += n
         self.metrics.queue_depth.set(self.images_waiting)
         self._idle.clear()
@@ -220,6 +302,7 @@ class Scheduler:
                 alive.append(p)
                 continue
             self.images_waiting -= p.n
+            self._release(p.lane.tenant, p.n)
         self.queue = alive
         self.metrics.queue_depth.set(self.images_waiting)
 
@@ -228,6 +311,48 @@ class Scheduler:
         self.queue = [p for p in self.queue if id(p) not in chosen]
         self.images_waiting -= sum(p.n for p in items)
         self.metrics.queue_depth.set(self.images_waiting)
+        for p in items:
+            self._release(p.lane.tenant, p.n)
+            tag = self._tags.get(id(p))
+            if tag is not None:  # commit the fair-queuing tags of what runs now
+                tenant, start, finish = tag
+                self._finish[tenant] = max(self._finish.get(tenant, 0.0), finish)
+                self._vtime = max(self._vtime, start)
+        self._tags.clear()
+        for tenant in [t for t in self._finish if t not in self.held and self._finish[t] <= self._vtime]:
+            del self._finish[tenant]  # idle and owed nothing: bounded by the tenants queued
+
+    def fair_order(self) -> list[Pending]:
+        """The queue in weighted fair queuing order (interactive before batch within a tenant); the queue
+        itself, in arrival order, when one tenant's interactive requests are all that wait."""
+        self._tags.clear()
+        lanes: dict[str, tuple[list[Pending], list[Pending]]] = {}
+        for p in self.queue:
+            interactive, batch = lanes.setdefault(p.lane.tenant, ([], []))
+            (batch if p.lane.batch else interactive).append(p)
+        if len(lanes) <= 1 and not any(b for _, b in lanes.values()):
+            return self.queue
+        heads = {t: [*i, *b] for t, (i, b) in lanes.items()}  # each tenant's requests in its own order
+        finish = dict(self._finish)
+        vtime, order = self._vtime, []
+        position = dict.fromkeys(heads, 0)
+        for _ in range(len(self.queue)):
+            best: tuple[float, float, str] | None = None
+            for t, items in heads.items():
+                if position[t] < len(items):
+                    p = items[position[t]]
+                    start = max(vtime, finish.get(t, 0.0))
+                    key = (start + p.n / max(p.lane.weight, 1e-9), p.enqueued, t)
+                    best = key if best is None or key < best else best
+            assert best is not None
+            t = best[2]
+            p = heads[t][position[t]]
+            start = max(vtime, finish.get(t, 0.0))
+            finish[t], vtime = best[0], start
+            self._tags[id(p)] = (t, start, best[0])
+            position[t] += 1
+            order.append(p)
+        return order
 
     def _fill(self, candidates: list[Pending]) -> list[Pending]:
         items: list[Pending] = []
@@ -240,21 +365,24 @@ class Scheduler:
         return items
 
     def choose(self) -> tuple[BatchPath, list[Pending]]:
-        """The path and requests of the next batch (oldest first within each choice)."""
+        """The path and requests of the next batch (oldest first within each choice; with several tenants,
+        fair order, and a one-task batch only from the requests fair order would run next)."""
+        ordered = self.fair_order()
+        window = ordered if ordered is self.queue else self._fill(ordered)
         by_task: dict[tuple[str, int], list[Pending]] = {}
-        for p in self.queue:
+        for p in window:
             by_task.setdefault(p.entry.key, []).append(p)
         if self.grouped_path is not None:
-            return self.grouped_path, self._fill(by_task[self.queue[0].entry.key])
+            return self.grouped_path, self._fill(by_task[window[0].entry.key])
         policy = self.config.path_policy
         if policy == "merged":
-            return "merged", self._fill(by_task[self.queue[0].entry.key])
+            return "merged", self._fill(by_task[window[0].entry.key])
         if policy == "auto":
             key, group = max(by_task.items(), key=lambda kv: sum(p.n for p in kv[1]))
             n = sum(p.n for p in group)
             if self._merged_wins(group[0].entry, n, single=len(by_task) == 1):
                 return "merged", self._fill(group)
-        items = self._fill(self.queue)
+        items = self._fill(ordered)
         return "mixed", items
 
     def _merged_wins(self, entry: TaskEntry, images: int, single: bool) -> bool:
