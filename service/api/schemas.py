@@ -91,6 +91,48 @@ class Prediction(BaseModel):
         )
 
 
+class ConfusionMatrix(BaseModel):
+    labels: list[str] = Field(description="the version's labels, the order of rows and columns")
+    counts: list[list[int]] = Field(description="counts[i][j]: images of label i predicted as label j")
+
+
+class VersionEvaluation(BaseModel):
+    version: int
+    current: bool = Field(description="whether this version was the current one when it was evaluated")
+    images: int
+    accuracy: float = Field(description="share of images whose top-1 label is their label")
+    per_class_accuracy: dict[str, float | None] = Field(
+        description="accuracy over the images of each label; null for a label no image had"
+    )
+    confusion_matrix: ConfusionMatrix
+    mean_confidence: float = Field(description="mean top-1 softmax probability")
+    calibration_error: float = Field(
+        description="expected calibration error over calibration_bins equal-width confidence bins"
+    )
+    calibration_bins: int
+    evaluated_at: str
+
+
+class Evaluation(BaseModel):
+    task: str
+    images: int
+    results: list[VersionEvaluation] = Field(description="the current version first, then ?version=")
+
+
+class EvaluationJob(BaseModel):
+    id: str
+    task: str
+    state: str = Field(description="queued, running, done or failed")
+    images: int
+    done_images: int = Field(description="images scored so far")
+    version: int | None = Field(description="the other version asked for with ?version=, if any")
+    created_at: str
+    finished_at: str | None = None
+    status_url: str
+    result: Evaluation | None = Field(None, description="once done")
+    error: ErrorDetail | None = Field(None, description="once failed")
+
+
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """A route's documented error statuses, each with the error body."""
     return {code: {"model": ErrorBody} for code in codes}

@@ -29,10 +29,13 @@ from prometheus_client import CollectorRegistry
 import ssf
 from service.engine.backend import Backend, BatchPath, BatchRun, select_backend
 from service.engine.batches import run_batch, top_scores
+from service.engine.eval_jobs import EvalJob, EvalJobs, EvalReport, error_code
+from service.engine.evaluate import Evaluator
 from service.engine.images import Preprocessor
 from service.engine.metrics import EngineMetrics
 from service.engine.protocol import (
     BackboneUnusable,
+    EngineError,
     InvalidDelta,
     LogitsResult,
     PredictionResult,
@@ -46,7 +49,7 @@ from service.engine.residency import Residency, TaskEntry
 from service.engine.scheduler import Pending, Scheduler
 from service.engine.workers import Workers
 from service.settings import EngineConfig
-from service.store.base import StoredTask, TaskStore
+from service.store.base import StoredTask, StoreError, TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,9 @@ class Engine:
         self.config = config if config is not None else EngineConfig()
         self.site_scheme, self.pretrained = site_scheme, pretrained
         self.owns_store = owns_store  # stop() closes it (watch threads, connections)
-        self.metrics = EngineMetrics()
+        self.metrics = EngineMetrics(top_tasks=self.config.metrics_top_tasks)
+        self.evaluator = Evaluator(self)
+        self.eval_jobs = EvalJobs()
         self.workers = Workers()
         self.ready = False
         self.draining = False
@@ -109,6 +114,7 @@ class Engine:
             await self._follower.stop()
         while self._requests and time.monotonic() < deadline:  # admitted requests still decoding
             await asyncio.sleep(0.01)
+        await self.eval_jobs.stop()
         if hasattr(self, "scheduler"):
             await self.scheduler.stop(max(0.0, deadline - time.monotonic()))
         self.workers.shutdown()
@@ -193,6 +199,7 @@ class Engine:
             self.residency.drop(name)
         with contextlib.suppress(KeyError):  # never answered here
             self.metrics.task_images.remove(name)
+        self.metrics.forget_task(name)
 
     async def predict(
         self, name: str, images: list[bytes], top_k: int = 5, timeout_s: float | None = None
@@ -200,7 +207,7 @@ class Engine:
         self._require_ready()
         check_top_k(top_k)
         self.preprocess.check_count(images)
-        entry, logits = await self._forward(name, len(images), images, None, timeout_s)
+        entry, logits = await self._observed(name, len(images), images, None, timeout_s)
         return PredictionResult(name, entry.version, top_scores(logits, entry.labels, top_k))
 
     async def infer(
@@ -218,8 +225,28 @@ class Engine:
         else:  # preprocessed pixels: the same checks whoever sends them, then the same queue
             source = self.preprocess.check_pixels(inputs)
         n = len(source)
-        entry, logits = await self._forward(name, n, source, version, timeout_s)
+        entry, logits = await self._observed(name, n, source, version, timeout_s)
         return LogitsResult(name, entry.version, entry.labels, logits.float().numpy())
+
+    async def _observed(
+        self,
+        name: str,
+        n: int,
+        source: list[bytes] | torch.Tensor,
+        version: int | None,
+        timeout_s: float | None,
+    ) -> tuple[TaskEntry, torch.Tensor]:
+        """``_forward``, counted in the per-task metrics (requests, images, errors, latency)."""
+        start = time.perf_counter()
+        error: str | None = None
+        try:
+            return await self._forward(name, n, source, version, timeout_s)
+        except (EngineError, StoreError) as e:
+            error = error_code(e)
+            raise
+        finally:
+            known = name if name in self.residency.entries else None
+            self.metrics.task_request(known, n, time.perf_counter() - start, error)
 
     async def _forward(
         self,
@@ -256,6 +283,45 @@ class Engine:
                 scheduler.withdraw(n)
             self._requests -= 1
         return entry, logits
+
+    # ----------------------------------------------------------------------------- evaluation
+    async def evaluate(
+        self,
+        name: str,
+        images: list[bytes],
+        labels: list[str],
+        version: int | None = None,
+        sources: list[str] | None = None,
+    ) -> EvalReport:
+        """Score the current version (and ``version``) on labelled images, in the same batches."""
+        self._require_ready()
+        return await self.evaluator.run(name, images, labels, version, sources)
+
+    def check_evaluation(self, name: str, labels: list[str], version: int | None = None) -> None:
+        """What can be refused before a job starts: the task, the version, unknown labels."""
+        self._require_ready()
+        self.evaluator.check_labels(name, labels, version)
+
+    def start_evaluation(
+        self,
+        name: str,
+        images: list[bytes],
+        labels: list[str],
+        version: int | None = None,
+        sources: list[str] | None = None,
+    ) -> EvalJob:
+        self._require_ready()
+        self.evaluator.check(name, images, labels)
+        self.evaluator.check_labels(name, labels, version)
+        return self.eval_jobs.start(
+            name,
+            len(images),
+            version,
+            lambda progress: self.evaluator.run(name, images, labels, version, sources, progress),
+        )
+
+    def evaluation_job(self, name: str, job_id: str) -> EvalJob:
+        return self.eval_jobs.get(name, job_id)
 
     async def onnx_model(self, name: str) -> bytes:
         self._require_started()
