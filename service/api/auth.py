@@ -56,6 +56,8 @@ ROUTES: dict[tuple[str, str], Perm] = {
     ("DELETE", "/tasks/{name}"): Perm.TASK_ADMIN,
     ("GET", "/tasks/{name}/model.onnx"): Perm.TASK_ADMIN,
     ("POST", "/tasks/{name}/predict"): Perm.PREDICT,
+    ("POST", "/tasks/{name}/evaluate"): Perm.TASK_ADMIN,
+    ("GET", "/tasks/{name}/evaluations/{job_id}"): Perm.TASK_ADMIN,
     ("GET", "/v2"): Perm.PUBLIC,
     ("GET", "/v2/health/live"): Perm.PUBLIC,
     ("GET", "/v2/health/ready"): Perm.PUBLIC,
