@@ -1,0 +1,305 @@
+"""Open-loop load: arrivals at a fixed rate, latency from the scheduled arrival, and the rate search.
+
+Used in process by ``many_tasks`` and ``e2e_bench`` (the in-process rows), and as a process of its own for
+the HTTP row: ``python -m bench.loadgen`` reads one JSON command per line on stdin and answers one JSON line
+per command on stdout, so the HTTP client neither shares the server's interpreter nor hides its cost (every
+answer carries the generator's own CPU seconds). Its HTTP/1.1 client is a few lines on asyncio streams over
+uvloop: one pre-built request per (task, image), keep-alive connections reused from a pool, Content-Length
+responses only (what uvicorn sends), so a request costs the client tens of microseconds, not httpx's
+hundreds.
+
+Arrivals: a Poisson process conditioned on its count, i.e. ``round(rate * duration)`` uniform points in
+the window, sorted. Every run offers exactly its rate, so a passing run's throughput is the rate itself and
+the count's own Poisson noise (about 1/sqrt(n)) never enters the comparison.
+
+A run is decided early once more requests are late (over the target, answered or not) than its p99 allows:
+it stops sending, so an overloaded run neither lasts its whole window nor leaves a long queue behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import resource
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+
+def arrivals(rate: float, duration_s: float, seed: int, max_requests: int = 50_000) -> list[float]:
+    n = min(max_requests, max(1, round(rate * duration_s)))
+    rng = random.Random(seed)
+    return sorted(rng.uniform(0.0, duration_s) for _ in range(n))
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return math.inf
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, math.ceil(q / 100 * len(v)) - 1))]
+
+
+def allowed_late(n: int, q: float = 99.0) -> int:
+    """How many of n latencies may exceed the target while the q-th percentile still meets it."""
+    return n - max(1, math.ceil(q / 100 * n))
+
+
+async def open_loop(
+    send: Callable[[int], Awaitable[Any]],
+    rate: float,
+    duration_s: float,
+    seed: int = 0,
+    slo_s: float = 0.25,
+    grace_s: float = 5.0,
+    early_stop: bool = True,
+) -> dict[str, Any]:
+    """Send request i at its scheduled arrival; answered latencies from that arrival. Requests unanswered
+    ``grace_s`` after the last one sent count as failed. Bounded: at most 50,000 requests, one window."""
+    loop = asyncio.get_running_loop()
+    at = arrivals(rate, duration_s, seed)
+    n = len(at)
+    budget = allowed_late(n)
+    lat: list[float | None] = [None] * n
+    flagged = [False] * n
+    late = errors = 0
+    head = 0
+    first_error: list[str] = []
+    cpu0, wall0 = time.thread_time(), time.perf_counter()
+    t0 = loop.time() + 0.02
+
+    async def one(i: int) -> None:
+        nonlocal errors, late
+        try:
+            await send(i)
+            lat[i] = v = loop.time() - (t0 + at[i])
+            if v > slo_s and not flagged[i]:
+                late += 1
+        except Exception as e:
+            errors += 1
+            if not first_error:
+                first_error.append(repr(e)[:200])
+
+    tasks = []
+    stopped = False
+    for i, a in enumerate(at):
+        delay = t0 + a - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(loop.create_task(one(i)))
+        if early_stop:
+            now = loop.time()
+            while head < i and t0 + at[head] + slo_s < now:  # requests already past the target
+                if lat[head] is None and not flagged[head]:
+                    flagged[head] = True
+                    late += 1
+                head += 1
+            if late + errors > budget:
+                stopped = True
+                break
+    if tasks:
+        _, pending = await asyncio.wait(tasks, timeout=grace_s)
+        for p in pending:
+            p.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    sent = len(tasks)
+    done = [x for x in lat[:sent] if x is not None]
+    tail = done + [math.inf] * (n - len(done))  # unanswered (or never sent) requests are the slowest
+    return {
+        "rate": rate,
+        "sent": n,
+        "done": len(done),
+        "errors": errors,
+        "stopped_early": stopped,
+        "first_error": first_error[0] if first_error else "",
+        "throughput": len(done) / max(duration_s, 1e-9),
+        "goodput": sum(1 for x in done if x <= slo_s) / max(duration_s, 1e-9),
+        "p50": percentile(tail, 50),
+        "p95": percentile(tail, 95),
+        "p99": percentile(tail, 99),
+        "loop_cpu_s": time.thread_time() - cpu0,
+        "wall_s": time.perf_counter() - wall0,
+    }
+
+
+def passes(r: dict[str, Any], target: float) -> bool:
+    return r["p99"] <= target and r["done"] == r["sent"] and not r["stopped_early"]
+
+
+async def search_rate(
+    run: Callable[[float], Awaitable[dict[str, Any]]],
+    lo: float,
+    hi: float,
+    steps: int,
+    target: float,
+    floor_steps: int = 3,
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """Bisect the offered rate in [lo, hi] for the highest one whose run meets ``target`` (p99, nothing
+    lost): ``steps`` runs leave a bracket of (hi - lo) / 2**steps. When no rate met it, the rate keeps
+    halving below ``lo`` (``floor_steps`` more runs)."""
+    best: dict[str, Any] | None = None
+    tried: list[dict[str, Any]] = []
+    for _ in range(steps):
+        rate = (lo + hi) / 2
+        r = await run(rate)
+        tried.append(r)
+        if passes(r, target):
+            lo, best = rate, r
+        else:
+            hi = rate
+    rate = lo
+    for _ in range(floor_steps if best is None else 0):
+        rate /= 2
+        r = await run(rate)
+        tried.append(r)
+        if passes(r, target):
+            best = r
+            break
+    return best, tried
+
+
+# ------------------------------------------------------------------------- HTTP, in its own process
+class Pool:
+    """Keep-alive HTTP/1.1 connections to one host; a request takes an idle one or opens a new one."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.opened = 0
+
+    async def request(self, raw: bytes) -> int:
+        if self.idle:
+            reader, writer = self.idle.pop()
+        else:
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+            self.opened += 1
+        try:
+            writer.write(raw)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                key, _, value = line.partition(b":")
+                if key.strip().lower() == b"content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+        except BaseException:
+            writer.close()
+            raise
+        if b"connection: close" in head.lower():
+            writer.close()
+        else:
+            self.idle.append((reader, writer))
+        return status
+
+    def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
+def build_request(host: str, path: str, body: bytes, content_type: str) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: {content_type}\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def serve_commands() -> None:
+    """stdin: {"setup": {url, bodies: [hex, ...], requests: [[path, content_type, body index], ...]}}, then
+    {"run": {rate, duration, seed, slo_s}}; each answered with one JSON line (the run's numbers plus the
+    process's CPU seconds during it)."""
+    reader = asyncio.StreamReader(limit=1 << 26)
+    loop = asyncio.get_running_loop()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    pool: Pool | None = None
+    raws: list[bytes] = []
+    while line := await reader.readline():
+        cmd = json.loads(line)
+        if "setup" in cmd:
+            s = cmd["setup"]
+            host, _, port = s["url"].removeprefix("http://").partition(":")
+            pool = Pool(host, int(port))
+            bodies = [bytes.fromhex(b) for b in s["bodies"]]
+            raws = [build_request(host, p, bodies[b], ct) for p, ct, b in s["requests"]]
+            out: dict[str, Any] = {"ok": True}
+        elif "run" in cmd and pool is not None:
+            c, p = cmd["run"], pool
+
+            async def send(i: int, p: Pool = p, raws: list[bytes] = raws) -> None:
+                status = await p.request(raws[i % len(raws)])
+                if status != 200:
+                    raise RuntimeError(f"HTTP {status}")
+
+            ru0 = resource.getrusage(resource.RUSAGE_SELF)
+            out = await open_loop(send, c["rate"], c["duration"], c["seed"], c["slo_s"])
+            ru1 = resource.getrusage(resource.RUSAGE_SELF)
+            out["client_cpu_s"] = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+            out["connections"] = pool.opened
+            out = {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in out.items()}
+        else:
+            out = {"error": f"unknown command {sorted(cmd)}"}
+        sys.stdout.write(json.dumps(out) + "\n")
+        sys.stdout.flush()
+    if pool is not None:
+        pool.close()
+
+
+class RemoteLoad:
+    """The generator process, driven from the benchmark: ``setup`` once, then ``run`` per rate."""
+
+    def __init__(self) -> None:
+        import subprocess
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.loadgen"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def _call(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the load generator exited ({self.proc.poll()})")
+        out: dict[str, Any] = json.loads(line)
+        return {k: (math.inf if v is None and k.startswith("p") else v) for k, v in out.items()}
+
+    def setup(self, url: str, requests: list[tuple[str, str, bytes]]) -> None:
+        """The requests to cycle through: (path, content type, body); each distinct body is sent once."""
+        index: dict[bytes, int] = {}
+        rows = [[p, ct, index.setdefault(b, len(index))] for p, ct, b in requests]
+        out = self._call({"setup": {"url": url, "bodies": [b.hex() for b in index], "requests": rows}})
+        if not out.get("ok"):
+            raise RuntimeError(f"the load generator refused the setup: {out}")
+
+    async def run(self, rate: float, duration: float, seed: int, slo_s: float) -> dict[str, Any]:
+        cmd = {"run": {"rate": rate, "duration": duration, "seed": seed, "slo_s": slo_s}}
+        return await asyncio.to_thread(self._call, cmd)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def main() -> None:
+    try:
+        import uvloop
+
+        uvloop.run(serve_commands())
+    except ImportError:  # uvicorn[standard] brings uvloop; plain asyncio works too, a little slower
+        asyncio.run(serve_commands())
+
+
+if __name__ == "__main__":
+    main()
