@@ -1,7 +1,8 @@
 """The mixed path: every resident task's scale/shift stacked into per-site tables on the device.
 
-The mixed path runs one forward over a batch that holds many tasks: at each site a ``GatherAffine`` applies
-each sample's row of the site's scale and shift (an elementwise op, about 0.1% of the FLOPs). Row 0 is the
+The mixed path runs one forward over a batch that holds many tasks: at each site an ``AffineSlot``
+(``service.engine.fused``) applies each sample's row of the site's scale and shift (an elementwise op,
+about 0.1% of the FLOPs; eval-mode BatchNorms and the conv feeding them run as one fused op). Row 0 is the
 identity (scale 1, shift 0): head-only (linear-probe) tasks and warm-up use it. Rows are only written or
 freed on the thread that owns the model.
 """
@@ -16,6 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 import ssf
+from service.engine.fused import AffineSlot, NormSlot, NormTables, plan_norms
 
 if TYPE_CHECKING:
     from service.engine.residency import TaskEntry
@@ -26,8 +28,9 @@ class SiteTables:
     grown by doubling, with a free list of rows.
 
     One ``index_select`` per table per forward gathers the batch's rows for all sites at once
-    (``gather``); each site then reads its column block, a view. Per-site tables would cost two gathers
-    per site, and at batch 1 those small ops, not arithmetic, are the mixed path's overhead.
+    (``gather``); each layout (channel axis, rank) the sites' outputs use then gets one view+split per
+    forward, so a site's own cost is its one ``addcmul``. When the whole batch is one task (``select``)
+    nothing is gathered: the sites read that task's row, broadcast over the batch.
     """
 
     def __init__(self, sites: list[ssf.Site], device: torch.device, dtype: torch.dtype, capacity: int = 8):
@@ -41,8 +44,12 @@ class SiteTables:
         self.shift_all = torch.zeros(self.capacity, width, device=device, dtype=dtype)
         self._views()
         self.free = list(range(self.capacity - 1, 0, -1))  # row 0 stays the identity
-        self.batch_scale: tuple[torch.Tensor, ...] = ()  # the current batch's [B, C] rows per site
-        self.batch_shift: tuple[torch.Tensor, ...] = ()
+        self.norms: NormTables | None = None  # fused norms' rows (same row numbers), grown alongside
+        self.batch = 1
+        self.single = 0  # the row every sample uses, or -1 after ``gather``
+        self._scale_rows = self.scale_all[:1]  # [B, W]: the current batch's rows
+        self._shift_rows = self.shift_all[:1]
+        self._layouts: dict[tuple[int, int], tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
 
     def _views(self) -> None:
         """Per-site ``[T, C]`` views of the tables (for writing a task's rows)."""
@@ -59,17 +66,23 @@ class SiteTables:
         shift[:old] = self.shift_all
         self.scale_all, self.shift_all = scale, shift
         self._views()
+        if self.norms is not None:
+            self.norms.resize(self.capacity)
         self.free.extend(range(self.capacity - 1, old - 1, -1))
 
     def add(self, sites: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """A row holding ``sites`` (paths this table does not hold, fused ones, go to ``norms``)."""
         if not sites:
             return 0
         if not self.free:
             self._grow()
         row = self.free.pop()
         for path, (scale, shift) in sites.items():
-            self.scale[path][row].copy_(scale)
-            self.shift[path][row].copy_(shift)
+            if path in self.index:
+                self.scale[path][row].copy_(scale)
+                self.shift[path][row].copy_(shift)
+        if self.norms is not None:
+            self.norms.write(row, sites)
         return row
 
     def release(self, row: int) -> None:
@@ -77,53 +90,72 @@ class SiteTables:
             return
         self.scale_all[row].fill_(1)
         self.shift_all[row].fill_(0)
+        if self.norms is not None:
+            self.norms.reset(row)
         self.free.append(row)
 
     def gather(self, rows: torch.Tensor) -> None:
         """Select the batch's rows (one per sample, in batch order) for every site."""
-        self.batch_scale = self.scale_all.index_select(0, rows).split(self.sizes, dim=1)
-        self.batch_shift = self.shift_all.index_select(0, rows).split(self.sizes, dim=1)
+        self.batch, self.single = int(rows.shape[0]), -1
+        self._scale_rows = self.scale_all.index_select(0, rows)
+        self._shift_rows = self.shift_all.index_select(0, rows)
+        self._layouts = {}
+        if self.norms is not None:
+            self.norms.batch, self.norms.single, self.norms.rows = self.batch, -1, rows
+
+    def select(self, row: int, batch: int) -> None:
+        """Every sample of the batch is the task at ``row``: broadcast its row, gather nothing."""
+        self.batch, self.single = batch, row
+        self._scale_rows = self.scale_all[row : row + 1]
+        self._shift_rows = self.shift_all[row : row + 1]
+        self._layouts = {}
+        if self.norms is not None:
+            self.norms.batch, self.norms.single = batch, row
+
+    @property
+    def batch_scale(self) -> tuple[torch.Tensor, ...]:
+        """The current batch's ``[B, C]`` scale rows per site."""
+        return self._scale_rows.split(self.sizes, dim=1)
+
+    @property
+    def batch_shift(self) -> tuple[torch.Tensor, ...]:
+        return self._shift_rows.split(self.sizes, dim=1)
+
+    def rows_for(self, position: int, channel_dim: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Site ``position``'s (scale, shift) shaped to broadcast against its output ``x``."""
+        key = (channel_dim, x.dim())
+        views = self._layouts.get(key)
+        if views is None:
+            views = self._layouts[key] = (
+                self._shaped(self._scale_rows, key),
+                self._shaped(self._shift_rows, key),
+            )
+        scale, shift = views[0][position], views[1][position]
+        n = scale.shape[0]
+        if n != 1 and x.shape[0] != n:  # k*B outputs (Swin's windows: batch-major): k copies per sample
+            k = x.shape[0] // n
+            scale, shift = scale.repeat_interleave(k, dim=0), shift.repeat_interleave(k, dim=0)
+        return scale, shift
+
+    def _shaped(self, rows: torch.Tensor, key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        channel_dim, ndim = key
+        dim = channel_dim % ndim
+        shape = [rows.shape[0]] + [1] * (ndim - 1)
+        shape[dim] = rows.shape[1]
+        return rows.view(shape).split(self.sizes, dim=dim)
+
+    def ptrs(self) -> tuple[int, ...]:
+        """Where the tables live (a captured CUDA graph reads them by address)."""
+        norms = self.norms.ptrs() if self.norms is not None else ()
+        return (self.scale_all.data_ptr(), self.shift_all.data_ptr(), *norms)
 
     @property
     def rows_used(self) -> int:
         return self.capacity - 1 - len(self.free)
 
     def nbytes(self) -> int:
-        return self.scale_all.nbytes + self.shift_all.nbytes
-
-
-class GatherAffine(ssf.SiteAffine):
-    """``y = scale[row] * x + shift[row]`` per sample, along the site's channel axis.
-
-    When an op's output batch is k*B (Swin's windows: batch-major, ``window_partition``), each sample's
-    row is repeated k times.
-    """
-
-    def __init__(self, site: ssf.Site, tables: SiteTables) -> None:
-        super().__init__(site)
-        self.position = tables.index[site.path]
-        object.__setattr__(self, "tables", tables)  # a plain reference, not a submodule
-
-    def hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
-        return self.forward(
-            output
-        )  # straight to forward: Module.__call__ costs more than the affine at batch 1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tables: SiteTables = self.tables  # type: ignore[assignment]
-        scale, shift = tables.batch_scale[self.position], tables.batch_shift[self.position]
-        if x.shape[0] != scale.shape[0]:
-            k = x.shape[0] // scale.shape[0]
-            scale, shift = scale.repeat_interleave(k, dim=0), shift.repeat_interleave(k, dim=0)
-        shape = [1] * x.dim()
-        shape[0] = x.shape[0]
-        shape[self.channel_dim] = self.channels
-        scale, shift = scale.view(shape), shift.view(shape)
-        if x._base is None and not x.requires_grad:
-            # The op's fresh output is ours to overwrite: writing in place saves allocating (and, on CPU,
-            # page-faulting) one activation-sized tensor per site, most of the mixed path's overhead.
-            return torch.addcmul(shift, x, scale, out=x)
-        return torch.addcmul(shift, x, scale)
+        norms = self.norms.nbytes() if self.norms is not None else 0
+        return self.scale_all.nbytes + self.shift_all.nbytes + norms
 
 
 class HeadRunner(nn.Module):
@@ -138,19 +170,53 @@ class HeadRunner(nn.Module):
 
 
 class MixedModel:
-    """The shared backbone with gather sites attached: one forward for a batch of many tasks."""
+    """The shared backbone with fused sites: one forward for a batch of many tasks.
 
-    def __init__(self, model: nn.Module, sites: list[ssf.Site], tables: SiteTables) -> None:
+    ``fuse_norms`` (default) runs each eval-mode BatchNorm site, with the conv site feeding it, as one
+    per-task affine (``service.engine.fused``); every other site is an ``AffineSlot``. ``tables`` holds
+    the rows of the sites that are not fused; ``tables.norms`` the fused norms' rows.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sites: list[ssf.Site],
+        device: torch.device,
+        dtype: torch.dtype,
+        fuse_norms: bool = True,
+    ) -> None:
         self.model = model
-        self.tables = tables
-        ssf.attach_sites(model, sites, lambda site: GatherAffine(site, tables))
+        self.sites = sites
+        plan: dict[str, ssf.Site | None] = {}
+        if fuse_norms:
+            size = ssf.sites.input_size(model)
+            example = torch.randn(1, *size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+            plan = plan_norms(model, sites, example)
+        fused = set(plan) | {c.path for c in plan.values() if c is not None}
+        self.tables = SiteTables([s for s in sites if s.path not in fused], device, dtype)
+        if plan:
+            self.tables.norms = NormTables(model, plan, device, dtype, self.tables.capacity)
+            for path in plan:
+                model.get_submodule(path).forward = NormSlot(
+                    path, model.get_submodule(path), self.tables.norms
+                )
+        for i, site in enumerate(self.tables.sites):
+            module = model.get_submodule(site.apply_at)
+            module.forward = AffineSlot(module.forward, i, site.channel_dim, self.tables)
         self.heads = HeadRunner(model)
         self.linear_head = _linear_head_keys(model)
         self.graphed: Any = None  # a CUDA-graph runner of ``trunk`` (service.engine.cuda_graphs), on CUDA
 
+    @property
+    def fused_norms(self) -> int:
+        return len(self.tables.norms.paths) if self.tables.norms is not None else 0
+
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, groups: list[tuple[TaskEntry, int]]) -> list[torch.Tensor]:
         """``groups``: (entry, count) runs in batch order; returns each group's logits."""
+        if len(groups) == 1 and self.graphed is None:  # one task: broadcast its row, gather nothing
+            self.tables.select(groups[0][0].row, int(x.shape[0]))
+            return self.heads_of(self.features(x), groups)
         rows = torch.tensor([entry.row for entry, n in groups for _ in range(n)], dtype=torch.long)
         trunk = self.graphed(x, rows) if self.graphed is not None else self.trunk(x, rows.to(x.device))
         return self.heads_of(trunk, groups)
@@ -159,6 +225,9 @@ class MixedModel:
         """Everything shared by the batch: the gathered sites, the features and, when the head is one
         Linear, the pre-logits (pooling and norms before it are shared too)."""
         self.tables.gather(rows)
+        return self.features(x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.model.forward_features(x)  # type: ignore[operator]
         if self.linear_head is not None:
             return self.model.forward_head(feats, pre_logits=True)  # type: ignore[operator,no-any-return]

@@ -1,0 +1,205 @@
+"""The mixed path's per-site ops, fused: one op per site, none per absorbed conv, no hooks.
+
+Two kinds of slot replace the forward of the module they sit on (an instance attribute, so
+``Module.__call__`` keeps its fast path, where a forward hook costs more than the affine at batch 1):
+
+- ``AffineSlot``: ``y = op(x)`` then ``addcmul(shift, y, scale)`` in place with the batch's rows, which the
+  tables hand out already shaped for broadcasting (one view per layout per forward, not per site).
+- ``NormSlot``: an eval-mode BatchNorm and the SSF sites around it (the conv that feeds it, the norm's own
+  site) are one per-channel affine per task, ``A = s1*a*s2, C = (t1*a + c)*s2 + t2`` (``a, c``: the norm's
+  frozen statistics), stored per task in ``NormTables``. The slot runs ONE ``batch_norm`` with those rows
+  as its weight and bias (mean 0, variance 1, eps 0: exactly ``x*A + C``), over the batch viewed as one
+  sample of ``B*C`` channels when samples differ. So a depthwise-conv network's mixed forward runs no more
+  passes over its activations than the bare one (the unfused path added two per conv+norm pair).
+
+A conv is absorbed into the norm after it only when a traced forward shows the norm's input IS the conv's
+output (the same tensor object), which is how every timm conv+norm pair is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import BatchNormAct2d
+from torch import nn
+
+import ssf
+
+_NORM_TYPES: tuple[type, ...] = (nn.BatchNorm2d, BatchNormAct2d)
+
+
+def fusable_norm(module: nn.Module) -> bool:
+    """An eval-mode BatchNorm with running statistics and an affine, of a class whose forward we know."""
+    return (
+        type(module) in _NORM_TYPES
+        and not module.training
+        and getattr(module, "running_mean", None) is not None
+        and getattr(module, "weight", None) is not None
+        and getattr(module, "bias", None) is not None
+    )
+
+
+def plan_norms(model: nn.Module, sites: list[ssf.Site], example: torch.Tensor) -> dict[str, ssf.Site | None]:
+    """{norm path: the conv site it absorbs (or None)} for every BatchNorm site that can be fused, from one
+    traced forward with temporary hooks."""
+    by_path = {s.path: s for s in sites}
+    norms = [s for s in sites if s.fold == "affine" and fusable_norm(model.get_submodule(s.path))]
+    convs = [s for s in sites if s.fold == "weight_out" and s.apply_at == s.path and s.channel_dim == 1]
+    outputs: dict[str, list[torch.Tensor]] = {}
+    inputs: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for s in convs:
+        handles.append(
+            model.get_submodule(s.path).register_forward_hook(
+                lambda m, i, o, p=s.path: outputs.setdefault(p, []).append(o)
+            )
+        )
+    for s in norms:
+        handles.append(
+            model.get_submodule(s.path).register_forward_pre_hook(
+                lambda m, i, p=s.path: inputs.setdefault(p, []).append(i[0])
+            )
+        )
+    try:
+        with torch.inference_mode():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    producer = {id(o[0]): p for p, o in outputs.items() if len(o) == 1}
+    plan: dict[str, ssf.Site | None] = {}
+    for s in norms:
+        seen = inputs.get(s.path, [])
+        if len(seen) != 1:
+            continue  # never run, or run twice: leave it to the generic slot
+        conv = producer.get(id(seen[0]))
+        plan[s.path] = by_path[conv] if conv is not None else None
+    return plan
+
+
+class NormTables:
+    """Per task, every fused norm's ``A`` and ``C`` rows: two ``[T, C]`` tables per norm, sharing row numbers
+    with ``SiteTables`` (grown with it). An unused row holds the norm's own ``a, c`` (the bare norm)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        plan: dict[str, ssf.Site | None],
+        device: torch.device,
+        dtype: torch.dtype,
+        capacity: int,
+    ) -> None:
+        self.device, self.dtype = device, dtype
+        self.paths = list(plan)
+        self.absorbed = {p: (c.path if c is not None else None) for p, c in plan.items()}
+        self.stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for p in self.paths:
+            bn: Any = model.get_submodule(p)
+            a = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+            self.stats[p] = (a, bn.bias.double() - bn.running_mean.double() * a)
+        self.capacity = 0
+        self.A: dict[str, torch.Tensor] = {}
+        self.C: dict[str, torch.Tensor] = {}
+        self.resize(capacity)
+        self.batch = 1
+        self.single = -1  # the one row every sample uses, or -1 when ``gathered`` holds per-sample rows
+        self.rows = torch.zeros(1, dtype=torch.long)
+        self._ones = torch.ones(0, device=device, dtype=dtype)
+        self._zeros = torch.zeros(0, device=device, dtype=dtype)
+        self._constants: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def resize(self, capacity: int) -> None:
+        old = self.capacity
+        for p in self.paths:
+            a, c = (t.to(self.device, self.dtype) for t in self.stats[p])
+            A, C = a.repeat(capacity, 1), c.repeat(capacity, 1)
+            if old:
+                A[:old], C[:old] = self.A[p], self.C[p]
+            self.A[p], self.C[p] = A, C
+        self.capacity = capacity
+
+    def write(self, row: int, sites: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for p in self.paths:
+            a, c = self.stats[p]
+            conv = self.absorbed[p]
+            s1, t1 = _rows(sites.get(conv) if conv else None, a)
+            s2, t2 = _rows(sites.get(p), a)
+            self.A[p][row].copy_(s1 * a * s2)
+            self.C[p][row].copy_((t1 * a + c) * s2 + t2)
+
+    def reset(self, row: int) -> None:
+        for p in self.paths:
+            a, c = self.stats[p]
+            self.A[p][row].copy_(a)
+            self.C[p][row].copy_(c)
+
+    def nbytes(self) -> int:
+        return sum(self.A[p].nbytes + self.C[p].nbytes for p in self.paths)
+
+    def ptrs(self) -> tuple[int, ...]:
+        return tuple(self.A[p].data_ptr() for p in self.paths)
+
+    def constants(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean 0 and variance 1 vectors of length ``n`` (views kept per length, never made per forward)."""
+        pair = self._constants.get(n)
+        if pair is None:
+            if self._ones.numel() < n:
+                self._ones = torch.ones(n, device=self.device, dtype=self.dtype)
+                self._zeros = torch.zeros(n, device=self.device, dtype=self.dtype)
+                self._constants.clear()  # views of the old, smaller vectors
+            pair = self._constants[n] = (self._zeros[:n], self._ones[:n])
+        return pair
+
+
+def _rows(pair: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if pair is None:
+        return torch.ones_like(like), torch.zeros_like(like)
+    return tuple(t.detach().to(like.device, torch.float64).reshape(-1) for t in pair)  # type: ignore[return-value]
+
+
+class NormSlot:
+    """A fused BatchNorm (plus its sites and the absorbed conv's site): one ``batch_norm`` per forward."""
+
+    def __init__(self, path: str, module: nn.Module, tables: NormTables) -> None:
+        self.path, self.tables = path, tables
+        self.A, self.C = tables.A, tables.C
+        self.act: Callable[[torch.Tensor], torch.Tensor] | None = (
+            module.act if isinstance(module, BatchNormAct2d) else None
+        )  # timm's BatchNormAct2d: norm, drop (identity in eval), act; the site sits before the act
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.tables
+        A, C = self.A[self.path], self.C[self.path]
+        if t.single >= 0:
+            weight, bias = A[t.single], C[t.single]
+            mean, var = t.constants(weight.shape[0])
+            y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, 0.0)
+        else:
+            b, c = x.shape[0], x.shape[1]
+            weight, bias = A.index_select(0, t.rows).view(-1), C.index_select(0, t.rows).view(-1)
+            if b != t.batch:  # k*B samples (k per task sample, batch-major)
+                k = b // t.batch
+                weight = weight.view(t.batch, c).repeat_interleave(k, 0).view(-1)
+                bias = bias.view(t.batch, c).repeat_interleave(k, 0).view(-1)
+            mean, var = t.constants(b * c)
+            y = F.batch_norm(x.reshape(1, b * c, *x.shape[2:]), mean, var, weight, bias, False, 0.0, 0.0)
+            y = y.view(x.shape)
+        return self.act(y) if self.act is not None else y
+
+
+class AffineSlot:
+    """``op(x)`` then the batch's scale/shift rows along the site's channel axis, in place when it may."""
+
+    def __init__(self, op: Callable[..., torch.Tensor], position: int, channel_dim: int, tables: Any) -> None:
+        self.op, self.position, self.channel_dim, self.tables = op, position, channel_dim, tables
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        x = self.op(*args, **kwargs)
+        scale, shift = self.tables.rows_for(self.position, self.channel_dim, x)
+        if x._base is None and not x.requires_grad:
+            # The op's fresh output is ours to overwrite: no second activation-sized tensor per site.
+            return torch.addcmul(shift, x, scale, out=x)
+        return torch.addcmul(shift, x, scale)

@@ -1,0 +1,99 @@
+"""The fused mixed path (one op per site, BatchNorms fused with the conv that feeds them, no hooks) answers
+what the folded reference answers, for one task per batch (broadcast row) and for all-distinct batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ssf
+from service.engine.metrics import EngineMetrics
+from service.engine.residency import TaskEntry
+from service.engine.torch_backend import TorchBackend
+from service.store.base import StoredTask
+from tests.helpers.models import make
+
+
+def tuned(family: str, seed: int) -> torch.nn.Module:
+    model = make(family)
+    ssf.inject_ssf(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for affine in model.ssf.values():
+            affine.scale.copy_(1 + 0.3 * torch.randn(affine.scale.shape, generator=g))
+            affine.shift.copy_(0.3 * torch.randn(affine.shift.shape, generator=g))
+        for p in model.get_classifier().parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def entry(family: str, model: torch.nn.Module, name: str) -> TaskEntry:
+    from ssf.layers import head_tensors, site_tensors
+
+    delta = ssf.Delta(
+        name,
+        family,
+        "",
+        "foldable",
+        "ssf",
+        [str(k) for k in range(7)],
+        site_tensors(model),
+        head_tensors(model),
+    )
+    return TaskEntry(stored=StoredTask(name, 1, "", 0, ""), delta=delta)
+
+
+@pytest.mark.parametrize("family", ["vit", "efficientnet", "resnet", "convnext", "swin"])
+def test_fused_mixed_path_matches_the_folded_reference(family: str) -> None:
+    models = [tuned(family, seed) for seed in range(3)]
+    plain = make(family)
+    backend = TorchBackend(
+        plain, ssf.find_sites(plain), torch.device("cpu"), torch.float32, 1 << 30, EngineMetrics()
+    )
+    entries = [entry(family, m, f"t{i}") for i, m in enumerate(models)]
+    for e in entries:
+        backend.install(e)
+    model = backend.mixed.model
+    assert not any(m._forward_hooks for m in model.modules())  # no hook: Module.__call__'s fast path
+    if family in ("efficientnet", "resnet"):  # every BatchNorm site runs fused
+        norms = [s for s in backend.sites if isinstance(model.get_submodule(s.path), torch.nn.BatchNorm2d)]
+        assert norms and backend.mixed.fused_norms == len(norms)
+    x = torch.randn(5, *ssf.sites.input_size(plain), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        want = [ssf.merge_model(m)(x) for m in models]
+    tol = 1e-4 * max(1.0, max(float(w.abs().max()) for w in want))
+    for i, e in enumerate(entries):  # one task in the whole batch: its row broadcast, nothing gathered
+        (got,) = backend.run_mixed(x, [(e, 5)])
+        assert (got - want[i]).abs().max() <= tol
+    groups = [(entries[2], 1), (entries[0], 2), (entries[1], 1), (entries[2], 1)]  # mixed, in runs
+    got = torch.cat(backend.run_mixed(x, groups))
+    expected = torch.cat([want[2][:1], want[0][1:3], want[1][3:4], want[2][4:5]])
+    assert (got - expected).abs().max() <= tol
+    merged = backend.run_merged(entries[1], x)
+    assert (merged - want[1]).abs().max() <= tol
+
+
+def test_released_row_answers_as_the_bare_backbone_on_fused_norms() -> None:
+    """A freed row is the identity again in the fused norms' tables too (their identity is the norm's own
+    affine, not 1 and 0), and a table that grows keeps every task's fused rows."""
+    plain = make("efficientnet")
+    backend = TorchBackend(
+        plain, ssf.find_sites(plain), torch.device("cpu"), torch.float32, 1 << 30, EngineMetrics()
+    )
+    models = [tuned("efficientnet", seed) for seed in range(10)]  # capacity 8: the tables grow
+    entries = [entry("efficientnet", m, f"t{i}") for i, m in enumerate(models)]
+    for e in entries:
+        backend.install(e)
+    assert backend.tables.capacity == 16
+    x = torch.randn(2, *ssf.sites.input_size(plain), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ssf.merge_model(models[0])(x)
+        bare = backend.run_bare(x)
+    (got,) = backend.run_mixed(x, [(entries[0], 2)])
+    assert (got - want).abs().max() <= 1e-4 * max(1.0, float(want.abs().max()))
+    row = entries[3].row
+    backend.release(entries[3])
+    identity = TaskEntry(stored=StoredTask("id", 1, "", 0, ""), delta=entries[3].delta)
+    identity.row, identity.head = row, {k: v for k, v in backend.base.items() if k.startswith("classifier.")}
+    (got,) = backend.run_mixed(x, [(identity, 1), (entries[0], 1)])[:1]
+    assert (got - bare[:1]).abs().max() <= 1e-4 * max(1.0, float(bare.abs().max()))
