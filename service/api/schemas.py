@@ -32,6 +32,16 @@ class BackboneInfo(BaseModel):
     dtype: str
 
 
+class ShadowInfo(BaseModel):
+    version: int = Field(description="the staged version compared with the current one")
+    requests: int = Field(description="live requests also run on the staged version (this replica)")
+    images: int
+    agreement: float | None = Field(description="share of images with the same top-1 label in both")
+    drift: float | None = Field(
+        description="mean total variation distance between the two softmax distributions (0..1)"
+    )
+
+
 class TaskInfo(BaseModel):
     name: str
     version: int
@@ -44,6 +54,9 @@ class TaskInfo(BaseModel):
     size_bytes: int
     created_at: str
     metrics: dict[str, Any] = Field(default_factory=dict)
+    shadow: ShadowInfo | None = Field(
+        None, description="shadow traffic on this replica while the task has a staged version"
+    )
 
     @classmethod
     def of(cls, task: StoredTask) -> TaskInfo:
@@ -61,6 +74,7 @@ class TaskInfo(BaseModel):
             size_bytes=task.size_bytes,
             created_at=task.created_at,
             metrics=dict(info.get("metrics") or {}),
+            shadow=ShadowInfo(**info["shadow"]) if isinstance(info.get("shadow"), dict) else None,
         )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from prometheus_client import CollectorRegistry
 
 import ssf
 from service.engine.backend import Backend, BatchPath, BatchRun, select_backend
-from service.engine.batches import run_batch, top_scores
+from service.engine.batches import top_scores
 from service.engine.eval_jobs import EvalJob, EvalJobs, EvalReport, error_code
 from service.engine.evaluate import Evaluator
 from service.engine.images import Preprocessor
@@ -47,6 +48,7 @@ from service.engine.protocol import (
 from service.engine.replicas import ReplicaFollower
 from service.engine.residency import Residency, TaskEntry
 from service.engine.scheduler import Pending, Scheduler
+from service.engine.shadow import Shadow
 from service.engine.workers import Workers
 from service.settings import EngineConfig
 from service.store.base import StoredTask, StoreError, TaskStore
@@ -74,6 +76,7 @@ class Engine:
         self.owns_store = owns_store  # stop() closes it (watch threads, connections)
         self.metrics = EngineMetrics(top_tasks=self.config.metrics_top_tasks)
         self.evaluator = Evaluator(self)
+        self.shadow = Shadow(self.config.shadow_fraction, self._staged_entry, self.metrics)
         self.eval_jobs = EvalJobs()
         self.workers = Workers()
         self.ready = False
@@ -141,7 +144,18 @@ class Engine:
         )
 
     def _run_batch(self, path: BatchPath, items: list[Pending]) -> BatchRun:
-        return run_batch(self.backend, path, items)
+        return self.shadow.run(self.backend, path, items)  # run_batch, plus the picked shadow rows
+
+    def _staged_entry(self, name: str) -> TaskEntry | None:
+        """The task's resident staged version, which shadow traffic compares with the current one."""
+        staged = getattr(getattr(self, "residency", None), "staged", None)
+        entry = staged.get(name) if isinstance(staged, dict) else None
+        return entry if isinstance(entry, TaskEntry) else None
+
+    def _with_shadow(self, task: StoredTask) -> StoredTask:
+        """The record with this replica's shadow comparison (``info["shadow"]``) while one runs."""
+        stats = self.shadow.stats(task.name)
+        return task if stats is None else dataclasses.replace(task, info={**task.info, "shadow": stats})
 
     # ------------------------------------------------------------------------------ the facade
     def backbone_info(self) -> dict[str, Any]:
@@ -157,10 +171,10 @@ class Engine:
         }
 
     def list_tasks(self) -> list[StoredTask]:
-        return self.store.list()
+        return [self._with_shadow(t) for t in self.store.list()]
 
     def get_task(self, name: str) -> StoredTask:
-        return self.store.get(name)
+        return self._with_shadow(self.store.get(name))
 
     async def add_task(self, data: bytes, name: str | None, replace: bool) -> StoredTask:
         self._require_started()
@@ -200,6 +214,7 @@ class Engine:
         with contextlib.suppress(KeyError):  # never answered here
             self.metrics.task_images.remove(name)
         self.metrics.forget_task(name)
+        self.shadow.forget(name)
 
     async def predict(
         self, name: str, images: list[bytes], top_k: int = 5, timeout_s: float | None = None

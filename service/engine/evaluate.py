@@ -125,12 +125,14 @@ class Evaluator:
         try:
             if getter is None:
                 current: StoredTask = store.get(name)
-                if current.version != version:
-                    raise TaskNotFound(name)
+                if current.version != version:  # a store without history keeps only the current one
+                    raise VersionNotFound(f"task {name!r} has no kept version {version}")
                 return current
             stored: StoredTask = getter(name, version)
             return stored
-        except TaskNotFound:
+        except TaskNotFound as e:
+            if getattr(e, "version", None) is None:  # the task itself is gone: 404 task_not_found
+                raise
             raise VersionNotFound(f"task {name!r} has no kept version {version}") from None
 
     @contextlib.asynccontextmanager

@@ -25,6 +25,7 @@ TASK_KEYS = {
     "size_bytes",
     "created_at",
     "metrics",
+    "shadow",  # null unless the task has a staged version under shadow traffic
 }
 
 
