@@ -20,6 +20,7 @@ from torch import nn
 
 import ssf
 from service.engine.metrics import EngineMetrics
+from ssf.fold import fold_site
 
 V = TypeVar("V")
 Key = tuple[str, int]
@@ -82,6 +83,19 @@ class ByteLRU(Generic[V]):
                 self.bytes -= evicted
                 self.metrics.cache_evictions.labels(self.name).inc()
             self.metrics.cache_bytes.labels(self.name).set(self.bytes)
+
+    def make_room(self, nbytes: int) -> list[V]:
+        """Evict least-recently-used values until ``nbytes`` more fit; returns them (oldest first), so a
+        build can write into an evicted value's memory instead of allocating (and page-faulting) anew."""
+        evicted: list[V] = []
+        with self._lock:
+            while self._items and self.bytes + nbytes > self.max_bytes:
+                _, (value, size) = self._items.popitem(last=False)
+                self.bytes -= size
+                evicted.append(value)
+                self.metrics.cache_evictions.labels(self.name).inc()
+            self.metrics.cache_bytes.labels(self.name).set(self.bytes)
+        return evicted
 
     def discard(self, key: Key) -> None:
         with self._lock:
@@ -148,13 +162,63 @@ class MergedBuilder:
         folded = [s for s in self.sites if s.path in tensors]
         return ssf.fold_state_dict(self.base, folded, tensors, dict(head))
 
+    def refolded_state(
+        self,
+        model: nn.Module,
+        sites: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        head: Mapping[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """``merged_state``, writing each folded weight into ``model``'s own tensor of that name when it has
+        one of the right shape and dtype that is not the base's (float32: the fresh path's very op)."""
+        own = {k: t for k, t in model.state_dict().items() if t.data_ptr() not in self._base_ptrs}
+        any_base = next(iter(self.base.values()))
+        state = dict(self.base)
+
+        def put(key: str, value: torch.Tensor) -> None:
+            target = own.get(key)
+            if target is not None and target.shape == value.shape and target.dtype == value.dtype:
+                state[key] = target.copy_(value)
+            else:
+                state[key] = value
+
+        for site in self.sites:
+            if site.path not in sites:
+                continue
+            scale, shift = (t.to(any_base.device) for t in sites[site.path])
+            p = site.path
+            w, buf = self.base.get(f"{p}.weight"), own.get(f"{p}.weight")
+            if not (
+                site.fold in ("weight_out", "affine")
+                and w is not None
+                and buf is not None
+                and buf.shape == w.shape
+                and w.dtype == buf.dtype == scale.dtype == shift.dtype == torch.float32
+            ):
+                for key, value in fold_site(self.base, site, scale, shift).items():
+                    put(key, value)
+                continue
+            # ssf.fold_site's arithmetic for float32, into the tensors the copy already owns
+            state[f"{p}.weight"] = torch.mul(w, scale.view((-1,) + (1,) * (w.dim() - 1)), out=buf)
+            b = self.base.get(f"{p}.bias")
+            put(f"{p}.bias", shift.clone() if b is None else b * scale + shift)
+        state.update(head)
+        return state
+
     def build(
-        self, sites: Mapping[str, tuple[torch.Tensor, torch.Tensor]], head: Mapping[str, torch.Tensor]
+        self,
+        sites: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        head: Mapping[str, torch.Tensor],
+        reuse: nn.Module | None = None,
     ) -> tuple[nn.Module, int, float]:
-        """(plain model, bytes it owns beyond the base, seconds)."""
+        """(plain model, bytes it owns beyond the base, seconds). ``reuse``: a merged copy nobody uses any
+        more (the LRU's evicted one): the new copy is that module, its folded tensors overwritten in place
+        (the same values, bit for bit, as a fresh build: the same ops, written with ``out=``)."""
         start = time.perf_counter()
-        state = self.merged_state(sites, head)
-        model = build_plain(self.skeleton, state)
+        if reuse is None:
+            model = build_plain(self.skeleton, self.merged_state(sites, head))
+        else:
+            model = reuse
+            assign_state(model, self.refolded_state(model, sites, head))
         if next(iter(self.base.values())).is_cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start

@@ -62,6 +62,7 @@ class TorchBackend:
         self.tables: SiteTables = self.mixed.tables
         self.cache: ByteLRU[nn.Module] = ByteLRU("merged", max_cache_bytes, metrics)
         self._exporter: OnnxGraphs | None = None  # built on the first export (imports onnx)
+        self._copy_bytes = 0  # what the last merged copy owned: the room a new one needs
 
     def use_cuda_graphs(self, max_batch: int) -> None:
         """Replay the mixed path's trunk as CUDA graphs, one per power-of-two batch up to ``max_batch``."""
@@ -113,7 +114,12 @@ class TorchBackend:
 
         def build() -> tuple[nn.Module, int]:
             nonlocal merge_s
-            model, owned, merge_s = self.builder.build(entry.delta.sites, entry.head)
+            # Evict before building, and build into the evicted copy's tensors: memory already touched
+            # (a fresh ViT-B copy spends most of its merge page-faulting 343 MB of new tensors).
+            evicted = self.cache.make_room(self._copy_bytes)
+            reuse = evicted[0] if evicted else None
+            model, owned, merge_s = self.builder.build(entry.delta.sites, entry.head, reuse=reuse)
+            self._copy_bytes = owned
             self.metrics.merge_seconds.labels("torch").observe(merge_s)
             return model, owned
 
