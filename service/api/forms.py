@@ -21,13 +21,15 @@ from service.store.base import TASK_NAME
 TASK_NAME_RE = TASK_NAME
 
 
-def check_task_name(
+async def check_task_name(
     name: Annotated[
         str,
         # documented for clients (and schemathesis); checked below so the error is ours: invalid_task_name
         Path(json_schema_extra={"pattern": TASK_NAME_RE.pattern, "maxLength": 63}),
     ],
 ) -> str:
+    # async although it awaits nothing: FastAPI runs a plain ``def`` dependency in its thread pool, a
+    # thread hop (and GIL handoff) per request on the predict path
     return check_name(name)  # 422 invalid_task_name
 
 

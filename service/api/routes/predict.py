@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 
-from service.api.deps import ReadyEngineDep, SettingsDep
+from service.api.deps import get_ready_engine
 from service.api.errors import ApiError
 from service.api.forms import TaskName, files, media_type, multipart_body, only_fields, parse_multipart
 from service.api.schemas import Prediction
@@ -32,14 +32,18 @@ PREDICT_BODY = multipart_body(
 async def predict(
     name: TaskName,
     request: Request,
-    engine: ReadyEngineDep,
-    settings: SettingsDep,
     top_k: Annotated[
         # documented here; the engine checks the range (check_top_k), so every engine answers alike
         int, Query(description="labels per image", json_schema_extra={"minimum": 1, "maximum": MAX_TOP_K})
     ] = 5,
-) -> Prediction:
+) -> Response:
     """Top-k labels per image, in request order, sorted by softmax probability."""
+    # The hot path stays on the event loop: the engine and settings are looked up here rather than as
+    # ``def`` dependencies (FastAPI runs those in its thread pool, a thread hop each), and the answer is
+    # serialised once by pydantic-core instead of validated again and encoded by FastAPI
+    # (``response_model`` still documents it).
+    engine = get_ready_engine(request)
+    settings = request.app.state.settings
     kind = media_type(request)
     if kind == "multipart/form-data":
         form = await parse_multipart(
@@ -65,4 +69,4 @@ async def predict(
             "file fields, or one image with an image/* Content-Type",
         )
     result = await engine.predict(name, images, top_k)
-    return Prediction.of(result)
+    return Response(Prediction.of(result).model_dump_json(), media_type="application/json")
