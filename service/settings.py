@@ -65,6 +65,12 @@ class EngineConfig(BaseModel):
         default=4.0, ge=0, description="how many batches a new merged copy is expected to serve"
     )
     path_policy: Literal["auto", "mixed", "merged"] = "auto"
+    max_resident_tasks: int = Field(
+        default=0,
+        ge=0,
+        description="tasks whose rows stay on the device (0 = unbounded); beyond it the least recently used "
+        "is evicted and loaded again from the store on its next request",
+    )
 
     # task lifecycle: evaluation, shadow traffic, per-task metrics
     eval_max_images: int = Field(default=10_000, ge=1, description="labelled images in one evaluation")
@@ -79,6 +85,12 @@ class EngineConfig(BaseModel):
     )
     eval_max_compression_ratio: float = Field(
         default=100.0, ge=1, description="uncompressed/compressed size limit per archive entry (zip bombs)"
+    )
+    keep_versions: int = Field(
+        default=5, ge=2, le=1000, description="versions each task keeps (current and staged included)"
+    )
+    audit_max_records: int = Field(
+        default=10_000, ge=10, description="audit records the store keeps (the oldest are dropped)"
     )
     shadow_fraction: float = Field(
         default=0.1, ge=0, le=1, description="share of a task's live requests also run on its staged version"

@@ -36,7 +36,7 @@ def build_engine(settings: Settings) -> EngineAPI:
     from service.store import open_store
 
     try:
-        store = open_store(settings.store)
+        store = open_store(settings.store, settings.keep_versions, settings.audit_max_records)
     except (ValueError, OSError) as e:
         raise StoreUnusable(f"--store: {e}") from e
     return Engine(

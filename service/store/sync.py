@@ -19,9 +19,15 @@ Usage::
     ...
     rec.stop()
 
-``on_change(name, version)`` gets the new current version, or ``None`` when the task was deleted. It is
-called from the reconciler's thread (or the caller's, for ``reconcile()``), one call at a time. When it
-raises, the name keeps its old version in the seen map, so the next pass offers the change again.
+``on_change(name, version)`` gets the new current version, or ``None`` when the task was deleted (or has
+only a staged version). ``on_staged(name, version)``, when given, gets the new staged version, or ``None``
+when the task no longer has one. They are called from the reconciler's thread (or the caller's, for
+``reconcile()``), one call at a time, the current version first. When one raises, the name keeps its old
+value in the seen map, so the next pass offers the change again.
+
+The map diffed is ``store.heads()`` (current, staged and revision per task, one round trip) where the
+store has it, else ``versions()``. A change of revision alone (promoted away and back between two passes)
+is offered as a change of the current version too, since the replica may hold a stale revision.
 """
 
 from __future__ import annotations
@@ -31,11 +37,20 @@ import threading
 import time
 from collections.abc import Callable
 
-from service.store.base import StoreUnavailable, TaskStore
+from service.store.base import Head, StoreUnavailable, TaskStore
 
 log = logging.getLogger(__name__)
 
 OnChange = Callable[[str, int | None], None]
+
+
+def heads_of(store: TaskStore) -> dict[str, Head]:
+    """The store's heads; a store without staged versions (an older or minimal one) from ``versions()``."""
+    heads = getattr(store, "heads", None)
+    if heads is None:
+        return {name: Head(version) for name, version in store.versions().items()}
+    result: dict[str, Head] = heads()
+    return result
 
 
 class Reconciler:
@@ -48,6 +63,7 @@ class Reconciler:
         retry_s: float | None = None,
         use_watch: bool = True,
         initial: dict[str, int] | None = None,
+        on_staged: OnChange | None = None,
     ) -> None:
         """``initial`` is what the caller already holds (default: nothing, so the first pass reports every
         task as a change). ``retry_s`` is the poll period during an outage (default min(interval_s, 0.5))."""
@@ -55,10 +71,12 @@ class Reconciler:
             raise ValueError("interval_s must be > 0")
         self.store = store
         self.on_change = on_change
+        self.on_staged = on_staged
         self.interval_s = float(interval_s)
         self.retry_s = float(retry_s) if retry_s is not None else min(self.interval_s, 0.5)
         self.use_watch = use_watch
-        self._seen: dict[str, int] = dict(initial or {})
+        # -1: the caller's revision is unknown; only a change of version is reported for it
+        self._seen: dict[str, Head] = {n: Head(v, None, -1) for n, v in (initial or {}).items()}
         self._pass_lock = threading.Lock()  # one pass at a time (the thread and explicit reconcile())
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -74,9 +92,9 @@ class Reconciler:
 
     @property
     def known(self) -> dict[str, int]:
-        """A copy of the last ``{name: version}`` map acted on."""
+        """A copy of the last ``{name: current version}`` map acted on."""
         with self._pass_lock:
-            return dict(self._seen)
+            return {n: h.current for n, h in self._seen.items() if h.current is not None}
 
     @property
     def available(self) -> bool:
@@ -95,7 +113,7 @@ class Reconciler:
         with self._pass_lock:
             self.passes += 1
             try:
-                current = self.store.versions()
+                heads = heads_of(self.store)
             except StoreUnavailable as e:
                 self.failures += 1
                 if self._available:
@@ -108,21 +126,32 @@ class Reconciler:
             self._available = True
             self.last_error = None
             self.last_success = time.monotonic()
-            changes: list[tuple[str, int | None]] = [
-                (name, version) for name, version in current.items() if self._seen.get(name) != version
-            ]
-            changes += [(name, None) for name in self._seen if name not in current]
-            for name, version in sorted(changes, key=lambda c: c[0]):
-                try:
-                    self.on_change(name, version)
-                except Exception:
-                    log.exception("on_change(%r, %r) failed; it is offered again next pass", name, version)
-                    continue
-                if version is None:
-                    self._seen.pop(name, None)
-                else:
-                    self._seen[name] = version
+            gone = Head(None)
+            for name in sorted(set(heads) | set(self._seen)):
+                self._apply(name, self._seen.get(name, gone), heads.get(name, gone))
             return True
+
+    def _apply(self, name: str, old: Head, new: Head) -> None:
+        """Report one task's changes; the seen map takes each part that was applied."""
+        seen = old
+        moved = old.revision >= 0 and old.revision != new.revision
+        if old.current != new.current or moved:
+            try:
+                self.on_change(name, new.current)
+                seen = Head(new.current, seen.staged, new.revision)
+            except Exception:
+                log.exception("on_change(%r, %r) failed; it is offered again next pass", name, new.current)
+        if old.staged != new.staged:
+            try:
+                if self.on_staged is not None:
+                    self.on_staged(name, new.staged)
+                seen = Head(seen.current, new.staged, seen.revision)
+            except Exception:
+                log.exception("on_staged(%r, %r) failed; it is offered again next pass", name, new.staged)
+        if seen.current is None and seen.staged is None:
+            self._seen.pop(name, None)
+        else:
+            self._seen[name] = seen
 
     # -- background thread ---------------------------------------------------------------------------
 

@@ -53,9 +53,11 @@ def test_replace_makes_a_new_version_and_keeps_the_old_bytes(store: TaskStore) -
     v2 = store.put("t", b"v2", {}, replace=True)
     assert v2.version == 2 and store.get("t").version == 2
     assert store.read("t", 1) == b"v1" and store.read("t", 2) == b"v2"  # in-flight requests on v1 finish
-    store.put("t", b"v3", {}, replace=True)
+    for v in range(3, 7):
+        store.put("t", f"v{v}".encode(), {}, replace=True)
     with pytest.raises(TaskNotFound):
-        store.read("t", 1)  # pruned: only the current and the previous version are kept
+        store.read("t", 1)  # pruned: the default keeps the newest 5 versions (current included)
+    assert [t.version for t in store.history("t").versions] == [6, 5, 4, 3, 2]
 
 
 def test_versions_are_never_reused_after_delete(store: TaskStore) -> None:
@@ -153,6 +155,7 @@ def test_local_layout_uses_only_generated_names(tmp_path: Path) -> None:
     files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert files == [
         ".lock",
+        "revs/t.1",
         "seq/t.1",
         "tasks/t.1/current",
         "tasks/t.1/v1.json",
@@ -277,11 +280,12 @@ def test_a_raising_hint_callback_does_not_end_the_subscription(redis_server: Red
 
 
 def test_redis_key_layout(redis_server: RedisServer) -> None:
-    store = RedisStore(redis_server.url)
+    store = RedisStore(redis_server.url, keep_versions=2)
     store.put("t", b"1", {})
     store.put("t", b"2", {}, replace=True)
     store.put("t", b"3", {}, replace=True)
     store.put("u", b"1", {})
+    store.put("u", b"2", {}, stage=True)
     store.delete("u")
     admin = redis.Redis.from_url(redis_server.url, decode_responses=True)
     keys = sorted(admin.keys("*"))
@@ -289,11 +293,14 @@ def test_redis_key_layout(redis_server: RedisServer) -> None:
         "ssf:blob:t:2",  # the previous version, for requests in flight
         "ssf:blob:t:3",
         "ssf:index",
+        "ssf:kept:t",
+        "ssf:revs",  # kept after delete, like seq: revisions only grow
         "ssf:seq:t",
         "ssf:seq:u",  # kept after delete: numbers are never reused
         "ssf:task:t:2",
         "ssf:task:t:3",
     ]
+    assert admin.zrange("ssf:kept:t", 0, -1) == ["2", "3"]
     assert admin.hgetall("ssf:index") == {"t": "3"}
     store.close()
 

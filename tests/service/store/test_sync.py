@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from service.store import LocalStore, StoreUnavailable
-from service.store.base import TaskStore
+from service.store.base import Head, TaskStore
 from service.store.redis_store import CHANNEL, RedisStore
 from service.store.sync import Reconciler
 from tests.helpers.servers import RedisServer
@@ -122,6 +122,11 @@ class DownStore:
         if not self.up:
             raise StoreUnavailable("down")
         return self.inner.versions()
+
+    def heads(self) -> dict[str, Head]:
+        if not self.up:
+            raise StoreUnavailable("down")
+        return self.inner.heads()
 
     def watch(self, callback: Callable[[str], None]) -> None:
         raise StoreUnavailable("down")
