@@ -27,7 +27,7 @@ from fastapi import Request
 from service.api.errors import ApiError
 from service.settings import Settings
 from service.tenants.model import ANONYMOUS, Principal, Role
-from service.tenants.service import AuthFailure, Tenants
+from service.tenants.service import Tenants, TokenExpired
 from service.tenants.tokens import any_equal
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="ssf-serve"'}
@@ -103,8 +103,8 @@ def identify(token: str, settings: Settings, tenants: Tenants) -> Principal:
     is_client = any_equal(token, settings.client_token_list)
     try:
         stored = tenants.authenticate(token)
-    except AuthFailure as e:
-        raise ApiError(403, e.code, e.message) from None
+    except TokenExpired as e:
+        raise ApiError(403, "token_expired", str(e)) from None
     if is_admin:
         return Principal(Role.OPERATOR, None, "admin-token")
     if stored is not None:

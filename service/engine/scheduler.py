@@ -15,12 +15,12 @@ full queue answers Overloaded at once. The knobs are ``EngineConfig``'s, under t
 
 Fair share (docs/multi-team.md): each request runs in a ``Lane`` (its tenant, the tenant's weight, and its
 priority class), which the HTTP layer sets in the ``LANE`` context variable. Batches are filled in weighted
-fair queuing order (start-time fair queuing over images: a tenant's next request is tagged
-``max(V, its last finish) + images / weight``, smallest tag first), interactive before batch within a
-tenant. While several tenants are active each may hold at most its weighted share of ``max_queue_size``
-(at least one request's worth), so a tenant that offers more than its share is answered 429 while the
-others keep their place. With one tenant (every request without one shares the lane ``-``) nothing differs
-from plain arrival order and one queue bound.
+fair queuing order (start-time fair queuing over images: a tenant's next request starts at
+``max(V, its last finish)`` and finishes ``images / weight`` later; the smallest start runs first),
+interactive before batch within a tenant. While several tenants are active each may hold at most its
+weighted share of ``max_queue_size`` (at least one request's worth), so a tenant that offers more than
+its share is answered 429 while the others keep their place. With one tenant (every request without one
+shares the lane ``-``) nothing differs from plain arrival order and one queue bound.
 """
 
 from __future__ import annotations
@@ -336,20 +336,19 @@ class Scheduler:
         finish = dict(self._finish)
         vtime, order = self._vtime, []
         position = dict.fromkeys(heads, 0)
-        for _ in range(len(self.queue)):
-            best: tuple[float, float, str] | None = None
+        for _ in range(len(self.queue)):  # start-time fair queuing: the smallest start tag runs next
+            best: tuple[float, float, float, str] | None = None
             for t, items in heads.items():
                 if position[t] < len(items):
                     p = items[position[t]]
                     start = max(vtime, finish.get(t, 0.0))
-                    key = (start + p.n / max(p.lane.weight, 1e-9), p.enqueued, t)
+                    key = (start, start + p.n / max(p.lane.weight, 1e-9), p.enqueued, t)
                     best = key if best is None or key < best else best
             assert best is not None
-            t = best[2]
+            start, end, _, t = best
             p = heads[t][position[t]]
-            start = max(vtime, finish.get(t, 0.0))
-            finish[t], vtime = best[0], start
-            self._tags[id(p)] = (t, start, best[0])
+            finish[t], vtime = end, start
+            self._tags[id(p)] = (t, start, end)
             position[t] += 1
             order.append(p)
         return order

@@ -22,10 +22,8 @@ log = logging.getLogger("service.tenants")
 BURST_S = 0.2  # a bucket holds this many seconds of its rate (at least one request's cost)
 
 
-class AuthFailure(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
+class TokenExpired(Exception):
+    """A stored token past its expiry (answered 403 ``token_expired``)."""
 
 
 class QuotaExceeded(Exception):
@@ -78,7 +76,7 @@ class Tenants:
     # ------------------------------------------------------------------------ who is it
     def authenticate(self, token: str) -> Principal | None:
         """The principal of a stored token; None when the token is not one of ours (the caller then
-        answers invalid_token). AuthFailure for an expired token or a deleted tenant's token."""
+        answers invalid_token, also for a deleted tenant's token). TokenExpired past its expiry."""
         token_id = tokens.token_id_of(token)
         if self.secret is None or token_id is None:
             return None
@@ -86,7 +84,7 @@ class Tenants:
         if record is None or not tokens.matches(self.secret, token, record.digest):
             return None
         if record.expired(time.time()):
-            raise AuthFailure("token_expired", f"token {token_id} has expired; ask an operator for a new one")
+            raise TokenExpired(f"token {token_id} has expired; ask an operator for a new one")
         if record.tenant is not None and record.tenant not in self.tenants:
             return None
         return Principal(record.role.value, record.tenant, record.id)
@@ -220,4 +218,4 @@ def retry_after(seconds: float) -> str:
     return str(max(1, math.ceil(seconds)))
 
 
-__all__ = ["AuthFailure", "QuotaExceeded", "StorageQuota", "Tenants", "retry_after"]
+__all__ = ["TokenExpired", "QuotaExceeded", "StorageQuota", "Tenants", "retry_after"]

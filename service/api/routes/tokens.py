@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Response
 from pydantic import BaseModel, Field
@@ -24,14 +24,22 @@ TokenId = Annotated[str, Path(description="token id", pattern=TOKEN_ID.pattern)]
 
 
 class QuotaSpec(BaseModel):
-    requests_per_s: float | None = Field(default=None, gt=0, description="requests per second, all replicas together")
-    images_per_s: float | None = Field(default=None, gt=0, description="images per second, all replicas together")
+    requests_per_s: float | None = Field(
+        default=None, gt=0, description="requests per second, all replicas together"
+    )
+    images_per_s: float | None = Field(
+        default=None, gt=0, description="images per second, all replicas together"
+    )
     max_tasks: int | None = Field(default=None, ge=0, description="tasks the tenant may own")
-    max_bytes: int | None = Field(default=None, ge=0, description="bytes of current versions the tenant may store")
+    max_bytes: int | None = Field(
+        default=None, ge=0, description="bytes of current versions the tenant may store"
+    )
 
 
 class TenantSpec(BaseModel):
-    weight: float = Field(default=1.0, gt=0, le=1000, description="share of the scheduler relative to other tenants")
+    weight: float = Field(
+        default=1.0, gt=0, le=1000, description="share of the scheduler relative to other tenants"
+    )
     quotas: QuotaSpec = Field(default_factory=lambda: QuotaSpec())
     shares: dict[str, list[str]] = Field(
         default_factory=dict, description="own task name -> tenants whose clients may predict with it"
@@ -47,9 +55,13 @@ class TenantList(BaseModel):
 
 
 class TokenRequest(BaseModel):
-    role: Role = Field(description="operator, admin (a tenant's) or client (a tenant's)")
+    role: Literal["operator", "admin", "client"] = Field(
+        description="operator, or a tenant's admin or client"
+    )
     tenant: str | None = Field(default=None, description="the tenant; none for an operator token")
-    ttl_s: float | None = Field(default=None, gt=0, description="seconds until the token expires; none: never")
+    ttl_s: float | None = Field(
+        default=None, gt=0, description="seconds until the token expires; none: never"
+    )
     description: str = Field(default="", max_length=200, description="a note for the token list")
 
 
@@ -120,7 +132,7 @@ async def delete_tenant(tenant: TenantName, tenants: TenantsDep) -> Response:
 async def create_token(body: TokenRequest, tenants: TenantsDep) -> NewToken:
     """A new token; the answer is the only place its string ever appears."""
     try:
-        record, token = await tenants.create_token(body.tenant, body.role, body.ttl_s, body.description)
+        record, token = await tenants.create_token(body.tenant, Role(body.role), body.ttl_s, body.description)
     except TenantError as e:
         raise ApiError(422, "invalid_parameter", str(e)) from None
     return NewToken(**TokenInfo.of(record).model_dump(), token=token)

@@ -1,0 +1,123 @@
+"""The scheduler's fair share, without HTTP: weighted fair queuing order, priority classes within a tenant,
+per-tenant queue shares while several tenants are active, and nothing changed for one tenant alone."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from service.engine.backend import BatchRun
+from service.engine.metrics import EngineMetrics
+from service.engine.protocol import Overloaded
+from service.engine.residency import TaskEntry
+from service.engine.scheduler import LANE, Lane, Pending, Scheduler
+from service.settings import EngineConfig
+from service.store.base import StoredTask
+
+
+def _pending(task: str, n: int, lane: Lane, at: float) -> Pending:
+    stored = StoredTask(name=task, version=1, sha256="", size_bytes=0, created_at="")
+    entry = TaskEntry(stored=stored, delta=None)  # type: ignore[arg-type]
+    return Pending(entry, torch.zeros(n, 1), time.monotonic() + 60, future=None, enqueued=at, lane=lane)  # type: ignore[arg-type]
+
+
+def _scheduler(**config: object) -> Scheduler:
+    cfg = EngineConfig(**{"max_batch_size": 4, "path_policy": "mixed", **config})  # type: ignore[arg-type]
+    return Scheduler(cfg, lambda path, items: BatchRun([]), None, EngineMetrics(), lambda e: False)  # type: ignore[arg-type]
+
+
+def test_weighted_order_serves_each_tenant_its_weight() -> None:
+    heavy, light = Lane("a", weight=2.0), Lane("b", weight=1.0)
+    s = _scheduler()
+    # a arrived first with 12 requests; b with 6 right after: a must not keep b waiting behind all of it
+    s.queue = [_pending("a.t", 1, heavy, i) for i in range(12)] + [
+        _pending("b.t", 1, light, 100 + i) for i in range(6)
+    ]
+    order = [p.lane.tenant for p in s.fair_order()]
+    first_nine = order[:9]
+    assert first_nine.count("a") == 6 and first_nine.count("b") == 3, order  # 2:1 by weight
+    assert order.index("b") <= 2
+
+
+def test_a_tenant_that_fills_the_queue_does_not_starve_a_newcomer() -> None:
+    s = _scheduler()
+    a, b = Lane("a"), Lane("b")
+    s.queue = [_pending("a.t", 1, a, i) for i in range(20)] + [_pending("b.t", 1, b, 100)]
+    path, items = s.choose()
+    assert path == "mixed" and "b" in {p.lane.tenant for p in items}  # in the very next batch
+
+
+def test_batch_class_runs_after_interactive_within_a_tenant_only() -> None:
+    s = _scheduler()
+    batch, interactive, other = Lane("a", batch=True), Lane("a"), Lane("b")
+    s.queue = [_pending("a.t", 1, batch, 0), _pending("a.t", 1, batch, 1), _pending("a.t", 1, interactive, 2)]
+    assert [p.lane.batch for p in s.fair_order()] == [False, True, True]
+    s.queue.append(_pending("b.t", 1, other, 3))
+    order = [(p.lane.tenant, p.lane.batch) for p in s.fair_order()]
+    assert order[0] == ("a", False) and order.index(("b", False)) == 1  # b is not behind a's batch work
+
+
+def test_one_tenant_alone_keeps_arrival_order_and_the_whole_queue() -> None:
+    s = _scheduler(max_queue_size=8, max_images_per_request=4)
+    s.queue = [_pending(t, 1, Lane("a"), i) for i, t in enumerate(["a.x", "a.y", "a.x"])]
+    assert s.fair_order() is s.queue
+    token = LANE.set(Lane("solo"))
+    try:
+        s.admit(8)  # alone: the whole queue
+        with pytest.raises(Overloaded):
+            s.admit(1)
+    finally:
+        LANE.reset(token)
+
+
+def test_each_active_tenant_may_hold_only_its_weighted_share() -> None:
+    s = _scheduler(max_queue_size=30, max_images_per_request=2)
+
+    def admit(lane: Lane, n: int) -> None:
+        token = LANE.set(lane)
+        try:
+            s.admit(n)
+        finally:
+            LANE.reset(token)
+
+    a, b = Lane("a", weight=2.0), Lane("b", weight=1.0)
+    admit(b, 1)  # b is active
+    for _ in range(10):
+        admit(a, 2)  # a's share: 30 * 2/3 = 20 images
+    with pytest.raises(Overloaded, match="tenant 'a'"):
+        admit(a, 2)
+    for _ in range(4):
+        admit(b, 2)  # b still has room: 1 + 8 of its 10
+    assert s.held == {"a": 20, "b": 9}
+    token = LANE.set(a)
+    try:
+        with pytest.raises(Overloaded):
+            s.precheck()  # refused before the body is read
+        s.withdraw(2)
+        s.precheck()
+    finally:
+        LANE.reset(token)
+
+
+def test_tags_are_committed_for_what_runs() -> None:
+    async def scenario() -> None:
+        s = _scheduler()
+        a, b = Lane("a"), Lane("b")
+        for lane, task in ((a, "a.t"), (b, "b.t")):
+            token = LANE.set(lane)
+            try:
+                for _ in range(4):
+                    s.submit(_pending(task, 1, lane, 0).entry, torch.zeros(1, 1), time.monotonic() + 60)
+            finally:
+                LANE.reset(token)
+        _, items = s.choose()
+        s._take(items)
+        assert sorted(p.lane.tenant for p in items) == ["a", "a", "b", "b"]
+        assert s.held == {"a": 2, "b": 2}
+        _, items = s.choose()
+        assert sorted(p.lane.tenant for p in items) == ["a", "a", "b", "b"]
+
+    asyncio.run(scenario())
