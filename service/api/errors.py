@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from service.engine.eval_jobs import JobNotFound
 from service.engine.protocol import (
     BadImage,
     DeltaTooLarge,
@@ -55,6 +56,7 @@ STATUS: list[tuple[type[Exception], int]] = [
     (BadImage, 400),
     (TaskNotFound, 404),
     (VersionNotFound, 404),
+    (JobNotFound, 404),
     (TaskExists, 409),
     (DeltaTooLarge, 413),
     (ImageTooLarge, 413),

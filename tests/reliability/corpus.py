@@ -347,3 +347,90 @@ def hostile_deltas(valid: bytes) -> Iterator[DeltaCase]:  # noqa: C901  (a flat 
         if expect_valid:
             continue
         yield DeltaCase(f"name-{name[:20]!r}", valid, name)
+
+
+# --------------------------------------------------------------------------- evaluation archives
+@dataclass(frozen=True)
+class ArchiveCase:
+    """A hostile ``archive`` for ``POST /tasks/{name}/evaluate``: the status and code a correct server answers
+    (a server whose ``SSF_EVAL_MAX_UNPACKED_BYTES`` is ``ARCHIVE_UNPACKED_LIMIT``)."""
+
+    name: str
+    data: bytes
+    status: int
+    code: str
+
+
+ARCHIVE_UNPACKED_LIMIT = 2 * 1024 * 1024
+
+
+def _zip(
+    entries: list[tuple[zipfile.ZipInfo | str, bytes]], compression: int = zipfile.ZIP_DEFLATED
+) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=compression) as z:
+        for info, data in entries:
+            z.writestr(info, data)
+    return out.getvalue()
+
+
+def _symlink(name: str, target: bytes) -> tuple[zipfile.ZipInfo, bytes]:
+    info = zipfile.ZipInfo(name)
+    info.create_system = 3  # unix
+    info.external_attr = (0o120777 << 16) | 0  # S_IFLNK | rwx
+    return info, target
+
+
+def _lying_size(label: str, image: bytes) -> bytes:
+    """An entry whose headers announce fewer bytes than its data holds (the central directory and the local
+    header both patched): read to its end, it would be more than announced."""
+    data = _zip([(f"{label}/big.png", image + b"\x00" * 50_000)])
+    real = len(image) + 50_000
+    small = struct.pack("<I", 100)
+    # local header: uncompressed size at offset 22; central directory entry: at offset 24 from its signature
+    patched = bytearray(data)
+    patched[22:26] = small
+    central = data.rindex(b"PK\x01\x02")
+    patched[central + 24 : central + 28] = small
+    assert struct.unpack("<I", data[22:26])[0] == real
+    return bytes(patched)
+
+
+def _encrypted(label: str, image: bytes) -> bytes:
+    data = bytearray(_zip([(f"{label}/x.png", image)], zipfile.ZIP_STORED))
+    data[6] |= 0x1  # general purpose flag bit 0, local header
+    central = bytes(data).rindex(b"PK\x01\x02")
+    data[central + 8] |= 0x1  # and in the central directory
+    return bytes(data)
+
+
+def hostile_archives(image: bytes, label: str) -> Iterator[ArchiveCase]:
+    """Archives a server must refuse with a 4xx naming the problem; ``image`` is a valid image and ``label``
+    one of the task's labels (so each case fails for its own reason only)."""
+    ok = f"{label}/ok.png"
+    for name in ["../evil.png", f"{label}/../../evil.png", "/etc/evil.png", f"/{label}/x.png", "C:/x.png"]:
+        yield ArchiveCase(f"traversal-{name!r}", _zip([(ok, image), (name, image)]), 422, "unsafe_archive")
+    yield ArchiveCase("backslash", _zip([(ok, image), (f"..\\{label}\\x.png", image)]), 422, "unsafe_archive")
+    yield ArchiveCase(
+        "symlink", _zip([(ok, image), _symlink(f"{label}/passwd.png", b"/etc/passwd")]), 422, "unsafe_archive"
+    )
+    yield ArchiveCase("encrypted", _encrypted(label, image), 422, "unsafe_archive")
+    bomb = b"\x00" * (8 * 1024 * 1024)
+    yield ArchiveCase(
+        "bomb-ratio", _zip([(ok, image), (f"{label}/bomb.png", bomb)]), 413, "archive_too_large"
+    )
+    noise = random.Random(7).randbytes(256 * 1024)
+    many = [(f"{label}/n{i}.png", noise[i:] + noise[:i]) for i in range(10)]  # 2.5 MiB that do not compress
+    yield ArchiveCase("bomb-total", _zip(many), 413, "archive_too_large")
+    yield ArchiveCase("lying-size", _lying_size(label, image), 422, "bad_archive")
+    yield ArchiveCase("not-a-zip", image, 422, "bad_archive")
+    yield ArchiveCase("empty-zip", _zip([]), 422, "bad_archive")
+    yield ArchiveCase("flat", _zip([("x.png", image)]), 422, "bad_archive")
+    yield ArchiveCase(
+        "too-deep", _zip([(f"a/b/{label}/x.png", image), (f"c/{label}/y.png", image)]), 422, "bad_archive"
+    )
+    yield ArchiveCase("truncated", _zip([(ok, image)])[:-30], 422, "bad_archive")
+    yield ArchiveCase("unknown-label", _zip([(ok, image), ("zebra/x.png", image)]), 422, "unknown_label")
+    yield ArchiveCase(
+        "undecodable-image", _zip([(ok, image), (f"{label}/bad.png", b"not an image")]), 400, "bad_image"
+    )

@@ -19,6 +19,7 @@ from tests.helpers.evaluation import expected_scores, image_folder_zip, offline_
 from tests.helpers.images import encode
 from tests.helpers.models import backbone_file
 from tests.helpers.servers import RedisServer, Server, start, stop, upload
+from tests.reliability.corpus import ARCHIVE_UNPACKED_LIMIT, hostile_archives
 
 pytestmark = [pytest.mark.e2e]
 
@@ -42,7 +43,14 @@ def server(
         redis = RedisServer(tmp)
         redis.start()
         store = redis.url
-    s = start(tmp, weights, store, eval_sync_max_images=12, max_batch_size=8)
+    s = start(
+        tmp,
+        weights,
+        store,
+        eval_sync_max_images=12,
+        max_batch_size=8,
+        eval_max_unpacked_bytes=ARCHIVE_UNPACKED_LIMIT,
+    )
     try:
         yield s
     finally:
@@ -159,3 +167,56 @@ def test_evaluating_with_version_equal_to_the_current_one(server: Server, weight
     assert r.status_code == 200, r.text
     assert [res["version"] for res in r.json()["results"]] == [1]
     httpx.delete(f"{server.url}/tasks/owls", headers=AUTH)
+
+
+def snapshot(url: str) -> list[dict]:
+    return httpx.get(f"{url}/tasks").json()["tasks"]
+
+
+def test_bad_input_is_a_4xx_naming_the_problem_and_changes_nothing(server: Server) -> None:
+    assert upload(server.url, task_delta("bees", 14)).status_code == 201
+    image = encode("PNG", 5)
+    before = snapshot(server.url)
+    refused: list[tuple[str, int, str]] = []
+    for case in hostile_archives(image, "bees-class1"):
+        r = httpx.post(
+            f"{server.url}/tasks/bees/evaluate",
+            files={"archive": ("a.zip", case.data)},
+            headers=AUTH,
+            timeout=60,
+        )
+        err = assert_error(r, case.status, case.code)
+        refused.append((case.name, r.status_code, err["message"]))
+    names = {name: message for name, _, message in refused}
+    assert "'../evil.png'" in names["traversal-'../evil.png'"]
+    assert "symbolic link" in names["symlink"] and "zebra" in names["unknown-label"]
+    assert "bomb.png" in names["bomb-ratio"] and "bees-class1/bad.png" in names["undecodable-image"]
+    pairs = [
+        (2, ["bees-class0", "zebra"], {}, 422, "unknown_label", "zebra"),
+        (2, ["bees-class0"], {}, 422, "label_count_mismatch", "2 images but 1 labels"),
+        (0, ["bees-class0"], {}, 422, "no_images", "at least one"),
+        (1, ["bees-class0"], {"version": 7}, 404, "version_not_found", "version 7"),
+        (1, ["bees-class0"], {"version": 0}, 422, "invalid_parameter", "version"),
+    ]
+    for n, labels, params, status, code, text in pairs:
+        parts = [("image", (f"{i}.png", image)) for i in range(n)]
+        parts += [("label", (None, label)) for label in labels]  # text fields
+        r = httpx.post(f"{server.url}/tasks/bees/evaluate", files=parts, params=params, headers=AUTH)
+        err = assert_error(r, status, code)
+        assert text in err["message"], err
+    # no archive and pairs together; not multipart
+    r = httpx.post(
+        f"{server.url}/tasks/bees/evaluate",
+        files=[("archive", ("a.zip", b"PK")), ("image", ("0.png", image))],
+        data={"label": "bees-class0"},
+        headers=AUTH,
+    )
+    assert_error(r, 422, "invalid_parameter")
+    assert_error(httpx.post(f"{server.url}/tasks/bees/evaluate", json={}, headers=AUTH), 415)
+    assert snapshot(server.url) == before  # nothing stored by any refusal
+    assert "eval" not in httpx.get(f"{server.url}/tasks/bees").json()["metrics"]
+    # a deleted task
+    assert httpx.delete(f"{server.url}/tasks/bees", headers=AUTH).status_code == 204
+    r = post_pairs(server.url, "bees", [image], ["bees-class0"])
+    assert_error(r, 404, "task_not_found")
+    assert all(t["name"] != "bees" for t in snapshot(server.url))
