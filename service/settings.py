@@ -86,6 +86,12 @@ class EngineConfig(BaseModel):
     eval_max_compression_ratio: float = Field(
         default=100.0, ge=1, description="uncompressed/compressed size limit per archive entry (zip bombs)"
     )
+    keep_versions: int = Field(
+        default=5, ge=2, le=1000, description="versions each task keeps (current and staged included)"
+    )
+    audit_max_records: int = Field(
+        default=10_000, ge=10, description="audit records the store keeps (the oldest are dropped)"
+    )
     shadow_fraction: float = Field(
         default=0.1, ge=0, le=1, description="share of a task's live requests also run on its staged version"
     )
