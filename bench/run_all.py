@@ -14,6 +14,7 @@ BENCHMARKS = [
     "bench.method_cost",
     "bench.many_tasks",
     "bench.e2e_bench",
+    "bench.shadow_bench",
     "bench.gpu_bench",  # skipped without CUDA
 ]
 
