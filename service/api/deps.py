@@ -71,6 +71,17 @@ class UploadGuard:
         self.check(task, len(data))
         return await self._engine.add_task(data, task, replace)
 
+    async def stage_task(self, data: bytes, name: str | None) -> StoredTask:
+        """A staged upload (``POST /tasks?stage=true``): the same name and quota checks."""
+        stage = self._engine.stage_task  # type: ignore[attr-defined]  # a LifecycleAPI engine
+        task = name or delta_task_name(data)
+        if task is None:
+            result: StoredTask = await stage(data, name)
+            return result
+        self.check(task, len(data))
+        staged: StoredTask = await stage(data, task)
+        return staged
+
     def check(self, task: str, size: int) -> None:
         p, owner = self._principal, self._tenants.owner(task)
         if not p.is_operator and (owner is None or owner != p.tenant):

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from service.engine.eval_jobs import JobNotFound
+from service.engine.lifecycle import GateFailed
 from service.engine.protocol import (
     BadImage,
     DeltaTooLarge,
@@ -38,7 +39,7 @@ from service.engine.protocol import (
     UnsupportedMediaType,
     VersionNotFound,
 )
-from service.store.base import InvalidTaskName
+from service.store.base import InvalidTaskName, VersionNotKept
 
 log = logging.getLogger("service.api")
 
@@ -58,6 +59,7 @@ STATUS: list[tuple[type[Exception], int]] = [
     (VersionNotFound, 404),
     (JobNotFound, 404),
     (TaskExists, 409),
+    (GateFailed, 409),
     (DeltaTooLarge, 413),
     (ImageTooLarge, 413),
     (UnsupportedMediaType, 415),
@@ -70,6 +72,7 @@ STATUS: list[tuple[type[Exception], int]] = [
 ]
 
 STORE_CODES: dict[type[Exception], str] = {
+    VersionNotKept: "version_not_found",  # before TaskNotFound: the first match names the code
     TaskNotFound: "task_not_found",
     TaskExists: "task_exists",
     InvalidTaskName: "invalid_task_name",

@@ -33,6 +33,7 @@ from service.engine.batches import top_scores
 from service.engine.eval_jobs import EvalJob, EvalJobs, EvalReport, error_code
 from service.engine.evaluate import Evaluator
 from service.engine.images import Preprocessor
+from service.engine.lifecycle import Gate, Promotion, check_gate
 from service.engine.metrics import EngineMetrics
 from service.engine.protocol import (
     BackboneUnusable,
@@ -51,7 +52,7 @@ from service.engine.scheduler import Pending, Scheduler
 from service.engine.shadow import Shadow
 from service.engine.workers import Workers
 from service.settings import EngineConfig
-from service.store.base import StoredTask, StoreError, TaskStore
+from service.store.base import StoredTask, StoreError, TaskHistory, TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,9 @@ class Engine:
     def get_task(self, name: str) -> StoredTask:
         return self._with_shadow(self.store.get(name))
 
-    async def add_task(self, data: bytes, name: str | None, replace: bool) -> StoredTask:
+    async def add_task(
+        self, data: bytes, name: str | None, replace: bool, *, stage: bool = False
+    ) -> StoredTask:
         self._require_started()
         delta = await self.workers.on_cpu(self.residency.validate, data)
         task = check_task_name(name if name else delta.task)
@@ -199,18 +202,26 @@ class Engine:
             ) from e
         try:
             stored: StoredTask = await self.workers.on_cpu(
-                lambda: self.store.put(task, data, info, replace=replace)
+                lambda: (
+                    self.store.put(task, data, info, replace=replace, stage=stage)
+                    if stage
+                    else self.store.put(task, data, info, replace=replace)
+                )
             )
         except BaseException:
             await self.residency.discard(entry)
             raise
-        self.residency.publish(entry, stored)
+        if stage:
+            self.residency.stage(entry, stored)
+        else:
+            self.residency.publish(entry, stored)
         return stored
 
     async def delete_task(self, name: str) -> None:
         await self.workers.on_cpu(self.store.delete, name)
         if hasattr(self, "residency"):
             self.residency.drop(name)
+            self.residency.drop_staged(name)
         with contextlib.suppress(KeyError):  # never answered here
             self.metrics.task_images.remove(name)
         self.metrics.forget_task(name)
@@ -250,12 +261,13 @@ class Engine:
         source: list[bytes] | torch.Tensor,
         version: int | None,
         timeout_s: float | None,
+        staged_ok: bool = False,
     ) -> tuple[TaskEntry, torch.Tensor]:
         """``_forward``, counted in the per-task metrics (requests, images, errors, latency)."""
         start = time.perf_counter()
         error: str | None = None
         try:
-            return await self._forward(name, n, source, version, timeout_s)
+            return await self._forward(name, n, source, version, timeout_s, staged_ok)
         except (EngineError, StoreError) as e:
             error = error_code(e)
             raise
@@ -270,8 +282,10 @@ class Engine:
         source: list[bytes] | torch.Tensor,
         version: int | None,
         timeout_s: float | None,
+        staged_ok: bool = False,
     ) -> tuple[TaskEntry, torch.Tensor]:
-        """One request through admission, residency, decoding (for encoded images) and the scheduler."""
+        """One request through admission, residency, decoding (for encoded images) and the scheduler.
+        ``staged_ok``: ``version`` may name the task's staged version (an admin's explicit request)."""
         timeout = timeout_s if timeout_s is not None else self.config.request_timeout_s
         deadline = time.monotonic() + timeout
         scheduler = self.scheduler
@@ -279,7 +293,11 @@ class Engine:
         self._requests += 1
         queued = False
         try:
-            entry = await self.residency.resolve(name)
+            staged = self.residency.staged.get(name) if staged_ok else None
+            if version is not None and staged is not None and staged.version == version:
+                entry = staged
+            else:
+                entry = await self.residency.resolve(name)
             if version is not None and entry.version != version:
                 raise VersionNotFound(
                     f"task {name!r} serves version {entry.version}, not {version}; "
@@ -337,6 +355,58 @@ class Engine:
 
     def evaluation_job(self, name: str, job_id: str) -> EvalJob:
         return self.eval_jobs.get(name, job_id)
+
+    # ------------------------------------------------------------------ versions (lifecycle.py)
+    async def stage_task(self, data: bytes, name: str | None) -> StoredTask:
+        return await self.add_task(data, name, replace=False, stage=True)
+
+    async def task_history(self, name: str) -> TaskHistory:
+        history: TaskHistory = await self.workers.on_cpu(self.store.history, name)
+        return history
+
+    async def task_version(self, name: str, version: int) -> StoredTask:
+        stored: StoredTask = await self.workers.on_cpu(self.store.get_version, name, version)
+        return stored
+
+    async def predict_version(
+        self, name: str, images: list[bytes], top_k: int, version: int
+    ) -> PredictionResult:
+        self._require_ready()
+        check_top_k(top_k)
+        self.preprocess.check_count(images)
+        entry, logits = await self._observed(name, len(images), images, version, None, staged_ok=True)
+        return PredictionResult(name, entry.version, top_scores(logits, entry.labels, top_k))
+
+    async def promote(self, name: str, version: int, gate: Gate | None = None) -> Promotion:
+        """Make a kept version current: checked against ``gate``, made resident here before the store's
+        pointer moves (so this replica switches at once), then published; other replicas follow."""
+        self._require_started()
+        target = await self.task_version(name, version)  # TaskNotFound, VersionNotKept: 404
+        numbers = {}
+        if gate is not None and not gate.empty:
+            numbers = check_gate(target, gate, self.shadow.stats(name))
+        residency = self.residency
+        current, staged = residency.entries.get(name), residency.staged.get(name)
+        entry = None
+        resident = (current is not None and current.version == version) or (
+            staged is not None and staged.version == version
+        )
+        if not resident:
+            entry = await residency.prepare(name, version)
+            if entry is None:
+                raise VersionNotFound(f"task {name!r} version {version} cannot be loaded")
+        try:
+            stored: StoredTask = await self.workers.on_cpu(self.store.promote, name, version)
+        except BaseException:
+            if entry is not None:
+                await residency.discard(entry)
+            raise
+        now = residency.entries.get(name)
+        if entry is not None:
+            residency.publish(entry, stored)
+        elif not await residency.adopt_staged(stored) and now is not None and now.version == version:
+            now.stored = stored
+        return Promotion(stored, current.version if current is not None else None, numbers)
 
     async def onnx_model(self, name: str) -> bytes:
         self._require_started()

@@ -18,7 +18,7 @@ from service.store.sync import Reconciler
 class ReplicaFollower:
     def __init__(self, store: TaskStore, residency: Residency, interval_s: float) -> None:
         self.residency = residency
-        self.reconciler = Reconciler(store, self._on_change, interval_s=interval_s)
+        self.reconciler = Reconciler(store, self._on_change, interval_s=interval_s, on_staged=self._on_staged)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
 
@@ -40,4 +40,11 @@ class ReplicaFollower:
         if self._stopping or self._loop is None:
             return  # the engine is going away: nothing is left to follow for
         future = asyncio.run_coroutine_threadsafe(self.residency.follow(name, version), self._loop)
+        future.result()
+
+    def _on_staged(self, name: str, version: int | None) -> None:
+        """The same for a change of the task's staged version (made resident, or dropped)."""
+        if self._stopping or self._loop is None:
+            return
+        future = asyncio.run_coroutine_threadsafe(self.residency.follow_staged(name, version), self._loop)
         future.result()

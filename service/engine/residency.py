@@ -58,6 +58,12 @@ class TaskEntry:
         return self.delta.labels
 
 
+def newer_or_same(a: StoredTask, b: StoredTask) -> bool:
+    """Whether ``a`` was made current no earlier than ``b``: by the store's revision of the current pointer
+    (a rollback makes an older version current at a newer revision), then by version."""
+    return (a.revision, a.version) >= (b.revision, b.version)
+
+
 class Residency:
     def __init__(
         self,
@@ -74,6 +80,8 @@ class Residency:
         self._retired: list[TaskEntry] = []
         self._bad: set[tuple[str, int]] = set()
         self._name_locks: dict[str, tuple[asyncio.Lock, int]] = {}  # (lock, holders): dropped at 0
+        # each task's staged version, resident but never answering live traffic (service/engine/lifecycle.py)
+        self.staged: dict[str, TaskEntry] = {}
         self.lru = ResidentLRU(config.max_resident_tasks)  # bounded: the least recently used is evicted
 
     # ------------------------------------------------------------------------------- validation
@@ -114,7 +122,7 @@ class Residency:
         entry.stored = stored
         self.backend.adopt(entry)
         current = self.entries.get(stored.name)
-        if current is not None and current.version >= stored.version:
+        if current is not None and newer_or_same(current.stored, stored):
             self._retire(entry)  # a newer version won the race; this one never served
             return current
         self.entries[stored.name] = entry
@@ -211,10 +219,9 @@ class Residency:
 
     # ------------------------------------------------------------------------- replica following
     async def follow(self, name: str, version: int | None) -> None:
-        """Apply a change the store reports (``None``: the task was deleted), made here or by a replica."""
-        current = self.entries.get(name)
-        if current is not None and version is not None and current.version >= version:
-            return  # already serving it (or newer: our own upload raced the report)
+        """Apply a change the store reports (``None``: the task was deleted), made here or by a replica.
+        What is published is the store's current version when read, ordered by its revision, so a report
+        that arrives late never brings back a version made current before the one served."""
         try:
             if version is None:
                 raise TaskNotFound(name)
@@ -224,8 +231,78 @@ class Residency:
                 self.metrics.reconciles.labels("deleted").inc()
             return
         current = self.entries.get(name)
+        if current is not None and newer_or_same(current.stored, stored):
+            return  # already serving it (or newer: our own upload or promotion raced the report)
+        if current is not None and current.version == stored.version:
+            current.stored = stored  # promoted away and back meanwhile: the same version, a newer revision
+            return
+        if await self.adopt_staged(stored):
+            self.metrics.reconciles.labels("loaded").inc()
+            return
         if current is None and self.lru.bounded:
             return  # not resident: its next request loads the newest version (no eviction for it now)
-        stale = current is None or current.version < stored.version
-        if stale and await self.load(stored) is not None:
+        if await self.load(stored) is not None:
             self.metrics.reconciles.labels("loaded").inc()
+
+    # ------------------------------------------------------------------------------ staged versions
+    def stage(self, entry: TaskEntry, stored: StoredTask) -> TaskEntry:
+        """Make an installed entry the task's staged version (resident, never answering live traffic)."""
+        entry.stored = stored
+        self.backend.adopt(entry)
+        old = self.staged.get(stored.name)
+        if old is not None and old.version >= stored.version:
+            self._retire(entry)  # a newer staged version got there first
+            return old
+        self.staged[stored.name] = entry
+        if old is not None:
+            self._retire(old)
+        return entry
+
+    def drop_staged(self, name: str) -> bool:
+        entry = self.staged.pop(name, None)
+        if entry is not None:
+            self._retire(entry)
+        return entry is not None
+
+    async def adopt_staged(self, stored: StoredTask) -> bool:
+        """``stored`` (just made current) is this replica's staged entry: it serves now, with no load."""
+        entry = self.staged.get(stored.name)
+        if entry is None or entry.version != stored.version or entry.retired:
+            return False
+        del self.staged[stored.name]
+        entry.stored = stored
+        return self.publish(entry, stored) is entry
+
+    async def follow_staged(self, name: str, version: int | None) -> None:
+        """Apply a change of the task's staged version the store reports (``None``: none any more)."""
+        if version is None:
+            self.drop_staged(name)
+            return
+        old = self.staged.get(name)
+        current = self.entries.get(name)
+        if (old is not None and old.version == version) or (
+            current is not None and current.version == version
+        ):
+            return
+        entry = await self.prepare(name, version)
+        if entry is not None:
+            self.stage(entry, entry.stored)
+
+    async def prepare(self, name: str, version: int) -> TaskEntry | None:
+        """Read, validate and install one kept version without publishing it (``entry.stored`` is its
+        record); None when the store no longer keeps it or it is unusable. Raises StoreUnavailable."""
+        if (name, version) in self._bad:
+            return None
+        try:
+            stored: StoredTask = await self.workers.on_cpu(self.store.get_version, name, version)
+            data = await self.workers.on_cpu(self.store.read, name, version)
+            delta = await self.workers.on_cpu(self.validate, data)
+        except (InvalidDelta, DeltaTooLarge) as e:
+            self._bad.add((name, version))
+            log.error("stored task %s v%d is unusable, skipped: %s", name, version, e.message)
+            return None
+        except TaskNotFound:
+            return None
+        entry = await self.install(delta)
+        entry.stored = stored
+        return entry
