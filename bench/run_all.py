@@ -1,4 +1,6 @@
-"""`make bench`: every CPU benchmark in sequence, then BENCHMARKS.md. Budget: under 15 minutes on 2 cores."""
+"""`make bench`: every CPU benchmark in sequence, then BENCHMARKS.md. Budget: under 15 minutes on 2 cores
+(about: engine_bench 5 min, method_cost 2, many_tasks 5.5, e2e_bench 3; gpu_bench skips without CUDA).
+The wall time of each is printed at the end, so a run that outgrows the budget says which one did."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ BENCHMARKS = [
 def main() -> int:
     quick = "--quick" in sys.argv
     failed = []
+    times: dict[str, float] = {}
     for name in BENCHMARKS:
         start = time.perf_counter()
         try:
@@ -34,8 +37,16 @@ def main() -> int:
         except Exception as e:  # one broken benchmark must not hide the others' numbers
             failed.append(name)
             print(f"[bench] {name} FAILED: {type(e).__name__}: {e}", flush=True)
-        print(f"[bench] {name}: {time.perf_counter() - start:.0f}s", flush=True)
+        times[name] = time.perf_counter() - start
+        print(f"[bench] {name}: {times[name]:.0f}s", flush=True)
     print(assemble())
+    total = sum(times.values())
+    print(
+        "[bench] wall time: "
+        + ", ".join(f"{n.removeprefix('bench.')} {t / 60:.1f} min" for n, t in times.items())
+        + f"; total {total / 60:.1f} min (budget 15)",
+        flush=True,
+    )
     return 1 if failed else 0
 
 
