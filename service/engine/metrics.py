@@ -238,7 +238,8 @@ class EngineMetrics:
             self.shadow_agreement.labels(name).set(agreement)
             self.shadow_drift.labels(name).set(drift)
 
-        self.shadow_images.labels(self.task_labels.peek(name)).inc(images)
+        # weight 0: the live request itself counts the traffic; this only takes a free place if there is one
+        self.shadow_images.labels(self.task_labels.label(name, 0.0)).inc(images)
         self._gauge(("shadow", name), set_values)
 
     def forget_task(self, name: str) -> None:
