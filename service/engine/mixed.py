@@ -44,6 +44,9 @@ class SiteTables:
         self.shift_all = torch.zeros(self.capacity, width, device=device, dtype=dtype)
         self._views()
         self.free = list(range(self.capacity - 1, 0, -1))  # row 0 stays the identity
+        widest = max(self.sizes, default=0)
+        self._ones = torch.ones(widest, device=device, dtype=dtype)
+        self._zeros = torch.zeros(widest, device=device, dtype=dtype)
         self.norms: NormTables | None = None  # fused norms' rows (same row numbers), grown alongside
         self.batch = 1
         self.single = 0  # the row every sample uses, or -1 after ``gather``
@@ -77,10 +80,11 @@ class SiteTables:
         if not self.free:
             self._grow()
         row = self.free.pop()
-        for path, (scale, shift) in sites.items():
-            if path in self.index:
-                self.scale[path][row].copy_(scale)
-                self.shift[path][row].copy_(shift)
+        if self.sites:  # one concatenated copy per table (a site a delta lacks keeps the identity)
+            scales = [sites[s.path][0] if s.path in sites else self._ones[: s.channels] for s in self.sites]
+            shifts = [sites[s.path][1] if s.path in sites else self._zeros[: s.channels] for s in self.sites]
+            self.scale_all[row].copy_(torch.cat([t.reshape(-1) for t in scales]))
+            self.shift_all[row].copy_(torch.cat([t.reshape(-1) for t in shifts]))
         if self.norms is not None:
             self.norms.write(row, sites)
         return row
