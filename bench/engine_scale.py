@@ -36,13 +36,12 @@ def resident_memory(model_name: str, tasks: int, reps: int) -> dict[str, Any]:
         model, list(spec.sites), torch.device("cpu"), torch.float32, 1 << 30, EngineMetrics()
     )
     template = random_entry(spec, head, "t", 0)
-    before_tables, before_rss = backend.tables.nbytes(), rss_bytes()
+    before_tables, before_rss = backend.tables.nbytes(), rss_bytes()  # (RSS includes the entries below)
+    # the same tensors for every task: the install copies them into each task's row anyway
+    entries = [random_entry(spec, head, f"t{i}", 0, template=template) for i in range(tasks)]
     start = time.perf_counter()
-    entries = []
-    for i in range(tasks):  # the same tensors for every task: the install copies them into each row anyway
-        e = random_entry(spec, head, f"t{i}", 0, template=template)
+    for e in entries:
         backend.install(e)
-        entries.append(e)
     install_s = time.perf_counter() - start
     rss = rss_bytes() - before_rss
     head_bytes = sum(t.nbytes for t in entries[0].head.values())
