@@ -19,7 +19,18 @@ from starlette.types import Scope
 from service.api import errors
 from service.api.deps import Authorize, Client
 from service.api.middleware import BodyLimitMiddleware, HttpMetrics, MetricsMiddleware
-from service.api.routes import backbone, console, evaluate, health, predict, tasks, tokens, v2
+from service.api.routes import (
+    audit,
+    backbone,
+    console,
+    evaluate,
+    health,
+    predict,
+    tasks,
+    tokens,
+    v2,
+    versions,
+)
 from service.engine.protocol import EngineAPI, StartupError, StoreUnusable
 from service.settings import Settings
 from service.tenants.backends import open_backend
@@ -125,6 +136,8 @@ def create_app(settings: Settings, engine: EngineAPI | None = None) -> FastAPI:
     for router in (health.router, backbone.router, tasks.router, v2.router, console.router, tokens.router):
         app.include_router(router)
     app.include_router(evaluate.router)
+    app.include_router(versions.router)
+    app.include_router(audit.router)
     # Predict is open unless client tokens are configured; only then does its schema declare auth.
     # The protocol's infer routes are predict by another name: the same rule.
     for router in (predict.router, v2.infer_router):

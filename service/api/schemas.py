@@ -57,6 +57,9 @@ class TaskInfo(BaseModel):
     shadow: ShadowInfo | None = Field(
         None, description="shadow traffic on this replica while the task has a staged version"
     )
+    staged_version: int | None = Field(
+        None, description="the task's staged version (resident, no live traffic), if any"
+    )
 
     @classmethod
     def of(cls, task: StoredTask) -> TaskInfo:
@@ -75,6 +78,7 @@ class TaskInfo(BaseModel):
             created_at=task.created_at,
             metrics=dict(info.get("metrics") or {}),
             shadow=ShadowInfo(**info["shadow"]) if isinstance(info.get("shadow"), dict) else None,
+            staged_version=task.staged_version,
         )
 
 
@@ -145,6 +149,47 @@ class EvaluationJob(BaseModel):
     status_url: str
     result: Evaluation | None = Field(None, description="once done")
     error: ErrorDetail | None = Field(None, description="once failed")
+
+
+class TaskVersions(BaseModel):
+    name: str
+    current_version: int | None = Field(description="the version answering live traffic; null: none yet")
+    staged_version: int | None = Field(description="the staged version, if any")
+    keep_versions: int = Field(description="how many versions the task keeps (SSF_KEEP_VERSIONS)")
+    versions: list[TaskInfo] = Field(description="every kept version, newest first")
+
+
+class GateNumbers(BaseModel):
+    accuracy: float | None = Field(None, description="metrics.eval.accuracy of the promoted version")
+    eval_images: int | None = Field(None, description="images behind that accuracy")
+    agreement: float | None = Field(None, description="shadow top-1 agreement with the current version")
+    shadow_images: int | None = Field(None, description="images behind that agreement")
+
+
+class Promotion(BaseModel):
+    action: str = Field(description="promote (a newer version than the current one) or rollback")
+    previous_version: int | None = Field(description="the version that was current before")
+    task: TaskInfo = Field(description="the task with the promoted version current")
+    gate: GateNumbers | None = Field(None, description="what the gate read, when one was asked")
+
+
+class AuditRecord(BaseModel):
+    time: str = Field(description="ISO-8601 UTC, milliseconds")
+    action: str = Field(description="upload, stage, promote, rollback, delete or evaluate")
+    task: str | None
+    from_version: int | None = Field(None, description="the current version before the action")
+    to_version: int | None = Field(None, description="the version the action made, staged or promoted")
+    sha256: str | None = Field(None, description="of the delta the action concerns")
+    principal: str = Field(description="operator, admin, client, global_client or anonymous")
+    tenant: str | None = None
+    token_id: str | None = Field(None, description="the token's id (never the token itself)")
+    outcome: str = Field(description="ok, or the error code the action was refused with")
+    status: int = Field(description="the HTTP status answered")
+    detail: dict[str, Any] | None = Field(None, description="action-specific facts (a gate's numbers)")
+
+
+class AuditLog(BaseModel):
+    records: list[AuditRecord] = Field(description="oldest first, the newest `limit`")
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:

@@ -1,12 +1,15 @@
-"""The task registry: list, upload (admin), describe, delete (admin), and the merged ONNX graph (admin)."""
+"""The task registry: list, upload or stage (admin), describe, delete (admin), and the merged ONNX graph
+(admin). Uploads, stages and deletes are written to the audit log (``service.api.audit``), refused or not."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import hashlib
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
+from service.api.audit import audited
 from service.api.deps import Admin, EngineDep, ReadyEngineDep
 from service.api.errors import ApiError
 from service.api.forms import (
@@ -20,6 +23,9 @@ from service.api.forms import (
 )
 from service.api.schemas import TaskInfo, TaskList
 from service.api.schemas import error_responses as errors
+from service.engine.lifecycle import LifecycleAPI
+from service.engine.protocol import EngineAPI, EngineError, StoreError
+from service.tenants.upload import delta_task_name
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
@@ -54,8 +60,22 @@ async def upload_task(
     request: Request,
     engine: ReadyEngineDep,
     replace: Annotated[bool, Query(description="replace an existing task with a new version")] = False,
+    stage: Annotated[
+        bool,
+        Query(description="store the new version as the task's staged version: resident, no live traffic"),
+    ] = False,
 ) -> JSONResponse:
-    """Upload a delta (multipart field ``delta``); ``name`` overrides the task name inside the file."""
+    """Upload a delta (multipart field ``delta``); ``name`` overrides the task name inside the file.
+    With ``stage=true`` the version is staged instead of made current (with or without a current one)."""
+    async with audited(request, "stage" if stage else "upload", None) as facts:
+        return await _upload(request, engine, replace, stage, facts)
+
+
+async def _upload(
+    request: Request, engine: EngineAPI, replace: bool, stage: bool, facts: dict[str, Any]
+) -> JSONResponse:
+    if stage and not isinstance(engine, LifecycleAPI):
+        raise ApiError(404, "not_found", "this server does not stage versions")
     if media_type(request) != "multipart/form-data":
         raise ApiError(
             415, "unsupported_media_type", "send multipart/form-data with a file field named 'delta'"
@@ -71,8 +91,18 @@ async def upload_task(
             raise ApiError(422, "invalid_parameter", "field 'name' must be text, not a file")
     finally:
         await form.close()
+    data = deltas[0]
+    facts.update(sha256=hashlib.sha256(data).hexdigest(), task=name or None)
+    if not facts["task"]:
+        facts["task"] = delta_task_name(data)
+    if facts["task"] and TASK_NAME_RE.fullmatch(facts["task"]):
+        facts["from_version"] = _current_version(engine, facts["task"])
     # an empty name means "use the name in the file", as when it is left out; the engine checks either
-    stored = await engine.add_task(deltas[0], name or None, replace)
+    if stage:
+        stored = await engine.stage_task(data, name or None)  # type: ignore[attr-defined]
+    else:
+        stored = await engine.add_task(data, name or None, replace)
+    facts.update(task=stored.name, to_version=stored.version, status=201)
     info = TaskInfo.of(stored)
     return JSONResponse(
         info.model_dump(mode="json"), status_code=201, headers={"Location": f"/tasks/{stored.name}"}
@@ -85,9 +115,21 @@ async def get_task(name: TaskName, engine: EngineDep) -> TaskInfo:
 
 
 @router.delete("/{name}", status_code=204, dependencies=[Admin], responses=errors(401, 403, 404, 422, 503))
-async def delete_task(name: TaskName, engine: ReadyEngineDep) -> Response:
-    await engine.delete_task(name)
+async def delete_task(name: TaskName, request: Request, engine: ReadyEngineDep) -> Response:
+    """Delete the task: every kept version, its staged version and its history."""
+    async with audited(request, "delete", name) as facts:
+        facts["from_version"] = _current_version(engine, name)
+        await engine.delete_task(name)
+        facts["status"] = 204
     return Response(status_code=204)
+
+
+def _current_version(engine: EngineAPI, name: str) -> int | None:
+    """The task's current version for the audit record (None when it has none or cannot be read)."""
+    try:
+        return engine.get_task(name).version
+    except (StoreError, EngineError):
+        return None
 
 
 @router.get(
