@@ -137,7 +137,8 @@ async def search_rate(
     floor_steps: int = 3,
 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """Bisect the offered rate in [lo, hi] for the highest one whose run meets ``target`` (p99, nothing
-    lost): ``steps`` runs leave a bracket of (hi - lo) / 2**steps. When no rate met it, the rate keeps
+    lost): ``steps`` runs leave a bracket of (hi - lo) / 2**steps. When every rate passed, it climbs in
+    steps of (hi - lo) / 2 until one fails (at most ``steps`` more runs); when none did, the rate keeps
     halving below ``lo`` (``floor_steps`` more runs)."""
     best: dict[str, Any] | None = None
     tried: list[dict[str, Any]] = []
@@ -149,6 +150,24 @@ async def search_rate(
             lo, best = rate, r
         else:
             hi = rate
+    climb = (hi - lo) * 2 ** (steps - 1)  # half the first bracket
+    for _ in range(steps if all(passes(r, target) for r in tried) else 0):
+        # every rate passed: the limit lies above the bracket, so climb until one fails, then bisect twice
+        r = await run(lo + climb)
+        tried.append(r)
+        if passes(r, target):
+            lo, best = lo + climb, r
+            continue
+        hi = lo + climb
+        for _ in range(2):
+            rate = (lo + hi) / 2
+            r = await run(rate)
+            tried.append(r)
+            if passes(r, target):
+                lo, best = rate, r
+            else:
+                hi = rate
+        break
     rate = lo
     for _ in range(floor_steps if best is None else 0):
         rate /= 2

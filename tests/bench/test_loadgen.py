@@ -59,6 +59,9 @@ def test_search_rate_brackets_the_highest_passing_rate() -> None:
     best, tried = asyncio.run(loadgen.search_rate(run, 50.0, 250.0, 6, 0.25))
     assert best is not None and len(tried) == 6
     assert limit - 200 / 2**6 <= best["rate"] <= limit
+    high, tried = asyncio.run(loadgen.search_rate(run, 20.0, 120.0, 4, 0.25))  # the limit is above
+    assert high is not None and [r["rate"] for r in tried][4:] == [163.75, 138.75, 126.25]
+    assert high["rate"] == 126.25  # climbed by half the first bracket, then bisected twice
     none, tried = asyncio.run(loadgen.search_rate(run, 400.0, 800.0, 2, 0.25, floor_steps=3))
     assert none is not None and none["rate"] == 100.0 and len(tried) == 4  # 2 steps, then 400 -> 200 -> 100
 
