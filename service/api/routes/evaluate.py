@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import FormData
 
 from service.api.archive import ArchiveLimits, LabelledImages, unpack
+from service.api.audit import audited
 from service.api.deps import Admin, EngineDep, ReadyEngineDep, SettingsDep
 from service.api.errors import ApiError
 from service.api.forms import TaskName, files, media_type, multipart_body, only_fields, parse_multipart
@@ -150,15 +151,22 @@ async def evaluate(
 ) -> JSONResponse:
     """Score the current version (and ``version``) on labelled images; results join each version's
     ``metrics.eval``. More than ``SSF_EVAL_SYNC_MAX_IMAGES`` images: 202 and a job's status URL."""
-    evaluator = _evaluator(engine)
-    engine.get_task(name)  # 404 before the body is read
-    data = await _labelled(request, settings)
-    if len(data.images) > settings.eval_sync_max_images:
-        job = evaluator.start_evaluation(name, data.images, data.labels, version, data.names)
-        body = _job(job).model_dump(mode="json")
-        return JSONResponse(body, status_code=202, headers={"Location": _status_url(job)})
-    report = await evaluator.evaluate(name, data.images, data.labels, version, data.names)
-    return JSONResponse(_evaluation(report).model_dump(mode="json"))
+    async with audited(request, "evaluate", name, to_version=version) as facts:  # the audit log
+        evaluator = _evaluator(engine)
+        facts["from_version"] = engine.get_task(name).version  # 404 before the body is read
+        data = await _labelled(request, settings)
+        facts["detail"] = {"images": len(data.images)}
+        if len(data.images) > settings.eval_sync_max_images:
+            job = evaluator.start_evaluation(name, data.images, data.labels, version, data.names)
+            body = _job(job).model_dump(mode="json")
+            facts.update(status=202, detail={"images": len(data.images), "job": job.id})
+            return JSONResponse(body, status_code=202, headers={"Location": _status_url(job)})
+        report = await evaluator.evaluate(name, data.images, data.labels, version, data.names)
+        facts["detail"] = {
+            "images": len(data.images),
+            "accuracy": {str(r.version): r.accuracy for r in report.results},
+        }
+        return JSONResponse(_evaluation(report).model_dump(mode="json"))
 
 
 @router.get(

@@ -285,6 +285,11 @@ def test_every_admin_action_is_in_the_audit_log_once_on_every_replica(pair: Pair
     assert upload(pair.a.url, d1).status_code == 201  # upload v1
     assert upload(pair.b.url, d2, replace=True).status_code == 201  # upload v2 (a replace)
     assert stage(pair.a.url, d3).status_code == 201  # stage v3
+    label = predict(pair.a.url, task).json()["predictions"][0][0]["label"]
+    parts = [("image", ("x.png", IMG)), ("label", (None, label))]
+    url = f"{pair.b.url}/tasks/{task}/evaluate"
+    r = httpx.post(url, files=parts, params={"version": 3}, headers=AUTH, timeout=60)  # evaluate v2 and v3
+    assert r.status_code == 200, r.text
     assert promote(pair.b.url, task, 3).status_code == 200  # promote 2 -> 3
     assert_error(promote(pair.a.url, task, 9), 404)  # refused: recorded with its code
     assert promote(pair.a.url, task, 1).status_code == 200  # rollback 3 -> 1
@@ -293,6 +298,7 @@ def test_every_admin_action_is_in_the_audit_log_once_on_every_replica(pair: Pair
         ("upload", None, 1, "ok", 201),
         ("upload", 1, 2, "ok", 201),
         ("stage", 2, 3, "ok", 201),
+        ("evaluate", 2, 3, "ok", 200),
         ("promote", 2, 3, "ok", 200),
         ("promote", 3, 9, "version_not_found", 404),
         ("rollback", 3, 1, "ok", 200),
