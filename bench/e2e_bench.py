@@ -470,7 +470,7 @@ async def run_all(quick: bool) -> dict[str, Any]:
             await engine.stop()
         finally:
             server.stop()
-        res["memory"] = await memory(spec, head, weights, 200 if quick else 1000)
+        res["memory"] = await memory(spec, head, weights, 200 if quick else 500)
     return res
 
 

@@ -85,7 +85,6 @@ def full_setups() -> list[Setup]:
         Cell(1000, "zipf1.0", "hybrid", 3),
         Cell(10_000, "zipf1.0", "hybrid", 3),
         Cell(1000, "zipf1.0", "mixed"),
-        Cell(1000, "zipf1.0", "merged", bracket=LOW),
         Cell(1000, "zipf1.0", "naive", bracket=LOW),
     )
     lite = (
@@ -102,7 +101,7 @@ def full_setups() -> list[Setup]:
             16,
             1.0,
             1000,
-            3.0,
+            2.5,
             5,
             lite,
             note="input 128 px (CPU budget; 224 is its own size), max batch 16, 1,000 tasks resident "
@@ -539,7 +538,14 @@ def setup_report(res: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, s
             )
         )
         if not ok:
-            misses.append(explain(s, single, ratio, target))
+            spread = max(single["spread"] or 0.0, s["spread"] or 0.0)
+            noise = (
+                f" The gap ({target - ratio:.2f}) is inside the spread of repeats here "
+                f"({100 * spread:.0f}%): this run cannot tell a miss from noise."
+                if spread and ratio * (1 + spread) >= target
+                else ""
+            )
+            misses.append(explain(s, single, ratio, target) + noise)
 
     hybrid = [s for s in sums if s["cell"].policy == "hybrid" and s["cell"].tasks > 1]
     for s in hybrid:
@@ -676,7 +682,9 @@ def report(results: list[dict[str, Any]], seconds: float) -> str:
         "the same engine; the table gives the median repeat and the spread (max - min) / median. The "
         "merged-copy LRU (engine) and the naive server hold "
         f"{NAIVE_K} full copies. Columns after p99 come from the engine's counters during the median "
-        f"repeat's passing run. Wall time {seconds / 60:.1f} min.",
+        "repeat's passing run, i.e. at each cell's own rate: a cell that passed only at a lower rate formed "
+        "smaller batches, so part of a lower per-image speed is that rate itself. "
+        f"Wall time {seconds / 60:.1f} min.",
         "",
         "### Goals",
         "",
