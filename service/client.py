@@ -113,3 +113,118 @@ class Client:
 
     def onnx_model(self, name: str) -> bytes:
         return self._call("GET", f"/tasks/{name}/model.onnx", headers=self._auth).content
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def stage(self, delta: Source, name: str | None = None) -> dict[str, Any]:
+        """Upload ``delta`` as the task's staged version: resident, answering no live traffic."""
+        filename, data = _read(delta)
+        out: dict[str, Any] = self._call(
+            "POST",
+            "/tasks",
+            params={"stage": "true"},
+            files={"delta": (filename, data, "application/octet-stream")},
+            data={"name": name} if name else None,
+            headers=self._auth,
+        ).json()
+        return out
+
+    def versions(self, name: str) -> dict[str, Any]:
+        """The task's kept versions, newest first, with ``current_version`` and ``staged_version``."""
+        out: dict[str, Any] = self._call("GET", f"/tasks/{name}/versions").json()
+        return out
+
+    def version(self, name: str, version: int) -> dict[str, Any]:
+        out: dict[str, Any] = self._call("GET", f"/tasks/{name}/versions/{int(version)}").json()
+        return out
+
+    def promote(
+        self,
+        name: str,
+        version: int,
+        min_accuracy: float | None = None,
+        min_agreement: float | None = None,
+        min_images: int | None = None,
+    ) -> dict[str, Any]:
+        """Make a kept version current, optionally gated (``SSFError`` 409 ``gate_failed`` when not met)."""
+        gate = {"min_accuracy": min_accuracy, "min_agreement": min_agreement, "min_images": min_images}
+        out: dict[str, Any] = self._call(
+            "POST",
+            f"/tasks/{name}/versions/{int(version)}/promote",
+            params={k: v for k, v in gate.items() if v is not None},
+            headers=self._auth,
+        ).json()
+        return out
+
+    def rollback(self, name: str, version: int | None = None) -> dict[str, Any]:
+        """Make an older kept version current: ``version``, or the newest one older than the current."""
+        if version is None:
+            history = self.versions(name)
+            current = history["current_version"]
+            older = [v["version"] for v in history["versions"] if current is None or v["version"] < current]
+            if not older:
+                raise SSFError(
+                    404, "version_not_found", f"task {name!r} keeps no version older than {current}"
+                )
+            version = max(older)
+        return self.promote(name, version)
+
+    def predict_version(
+        self, name: str, images: builtins.list[Source], version: int, top_k: int = 5
+    ) -> dict[str, Any]:
+        """Predict with the current or the staged version explicitly (admin token)."""
+        files = []
+        for image in images:
+            filename, data = _read(image)
+            files.append(("image", (filename, data, "application/octet-stream")))
+        out: dict[str, Any] = self._call(
+            "POST",
+            f"/tasks/{name}/predict",
+            params={"top_k": top_k, "version": int(version)},
+            files=files,
+            headers=self._auth,
+        ).json()
+        return out
+
+    def evaluate(
+        self,
+        name: str,
+        images: builtins.list[Source] | None = None,
+        labels: builtins.list[str] | None = None,
+        *,
+        archive: Source | None = None,
+        version: int | None = None,
+    ) -> dict[str, Any]:
+        """Score the current version (and ``version``) on labelled images, or an ImageFolder zip
+        (``archive``). A long evaluation answers 202 with a job: poll ``evaluation_job``."""
+        parts: list[tuple[str, tuple[str | None, bytes | str] | tuple[str, bytes, str]]] = []
+        if archive is not None:
+            filename, data = _read(archive)
+            parts.append(("archive", (filename, data, "application/zip")))
+        for image in images or []:
+            filename, data = _read(image)
+            parts.append(("image", (filename, data, "application/octet-stream")))
+        parts += [("label", (None, label)) for label in labels or []]
+        out: dict[str, Any] = self._call(
+            "POST",
+            f"/tasks/{name}/evaluate",
+            params={"version": int(version)} if version is not None else None,
+            files=parts,
+            headers=self._auth,
+        ).json()
+        return out
+
+    def evaluation_job(self, name: str, job_id: str) -> dict[str, Any]:
+        out: dict[str, Any] = self._call(
+            "GET", f"/tasks/{name}/evaluations/{job_id}", headers=self._auth
+        ).json()
+        return out
+
+    def audit(self, task: str | None = None, limit: int = 100) -> builtins.list[dict[str, Any]]:
+        """The audit log's newest ``limit`` records (of ``task``), oldest first (operator token)."""
+        params: dict[str, Any] = {"limit": limit}
+        if task is not None:
+            params["task"] = task
+        out: builtins.list[dict[str, Any]] = self._call(
+            "GET", "/audit", params=params, headers=self._auth
+        ).json()["records"]
+        return out

@@ -315,3 +315,35 @@ def test_every_admin_action_is_in_the_audit_log_once_on_every_replica(pair: Pair
         if record["outcome"] == "ok" and record["to_version"] is not None:
             assert record["sha256"] == sha[record["to_version"]]
     assert TOKEN not in httpx.get(f"{pair.a.url}/audit", params={"limit": 10_000}, headers=AUTH).text
+
+
+def test_the_python_client_runs_the_whole_flow(pair: Pair) -> None:
+    """The README's flow with service.client: stage a retrained delta, evaluate it against the current
+    one, promote it through a gate, roll back."""
+    from service.client import Client, SSFError
+
+    task = f"cli-{pair.kind}"
+    with Client(pair.a.url, token=TOKEN) as c, Client(pair.b.url, token=TOKEN) as other:
+        assert c.upload(task_delta(task, 701))["version"] == 1
+        assert c.stage(task_delta(task, 702))["version"] == 2
+        assert c.versions(task)["staged_version"] == 2 and c.get(task)["staged_version"] == 2
+        assert c.predict(task, [IMG])["version"] == 1
+        assert c.predict_version(task, [IMG], version=2)["version"] == 2
+        label = c.predict(task, [IMG], top_k=1)["predictions"][0][0]["label"]
+        report = c.evaluate(task, [IMG], [label], version=2)
+        assert [r["version"] for r in report["results"]] == [1, 2]
+        assert c.version(task, 2)["metrics"]["eval"]["images"] == 1
+        try:
+            c.promote(task, 2, min_images=2)
+            raise AssertionError("the gate should have refused")
+        except SSFError as e:
+            assert (e.status, e.code) == (409, "gate_failed")
+        promoted = c.promote(task, 2, min_accuracy=0, min_images=1)
+        assert (promoted["action"], promoted["task"]["version"]) == ("promote", 2)
+        assert eventually(lambda: other.predict(task, [IMG])["version"] == 2)
+        back = other.rollback(task)
+        assert (back["action"], back["previous_version"], back["task"]["version"]) == ("rollback", 2, 1)
+        assert eventually(lambda: c.predict(task, [IMG])["version"] == 1)
+        actions = [r["action"] for r in c.audit(task=task)]
+        assert actions == ["upload", "stage", "evaluate", "promote", "promote", "rollback"]
+        c.delete(task)
