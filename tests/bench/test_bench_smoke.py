@@ -49,3 +49,50 @@ def test_e2e_quick_measures_http_against_the_engine_in_process(tmp_path: Path) -
     assert "load generator CPU ms / req" in text
     e2e_bench.plot(res, tmp_path / "e2e.png")
     assert (tmp_path / "e2e.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _run(throughput: float, images_per_batch: float = 5.0) -> dict[str, object]:
+    best = {
+        "throughput": throughput,
+        "rate": throughput,
+        "sent": 100,
+        "done": 100,
+        "p50": 0.1,
+        "p95": 0.2,
+        "p99": 0.24,
+        "loop_cpu_s": 0.03,
+        "stopped_early": False,
+        "counters": {
+            "merged_batches": 0,
+            "merged_images": 0,
+            "merged_s": 0.0,
+            "mixed_batches": 100 / images_per_batch,
+            "mixed_images": 100,
+            "mixed_s": 1.0 * throughput / 100,
+        },
+    }
+    return {"best": best, "tried": [best]}
+
+
+def test_many_tasks_goals_use_medians_and_name_a_miss_inside_the_spread() -> None:
+    single, ten = many_tasks.Cell(1, "single", "hybrid", 3), many_tasks.Cell(10, "uniform", "hybrid", 2)
+    setup = many_tasks.Setup("m", None, 32, 0.25, 10, 1.5, 5, (single, ten))
+    res = {
+        "setup": setup,
+        "cap": 100.0,
+        "copy_bytes": 1,
+        "install": {"n": 10, "seconds": 1.0, "rss_bytes": 1000},
+        "gen_us": 100.0,
+        "row_bytes": 8,
+        "runs": {single: [_run(100), _run(80), _run(90)], ten: [_run(70), _run(74)]},
+    }
+    lines, goals = many_tasks.setup_report(res)
+    [(name, target, result, met)] = goals
+    assert name == "m: hybrid, 10 uniform vs single task" and target == ">= 0.90" and not met
+    assert result == "0.80 (72 vs 90 img/s)"  # medians: 72 of (70, 74), 90 of (100, 80, 90)
+    text = "\n".join(lines)
+    assert "| 1 | single | hybrid | 3 | 90 | 22.2% (100, 80, 90) |" in text
+    assert "inside the spread of repeats here (22%)" in text  # 0.80 * 1.22 >= 0.90
+    res["runs"][single] = [_run(100), _run(99), _run(100)]  # type: ignore[index]
+    _, [(_, _, _, met)] = many_tasks.setup_report(res)
+    assert not met and "spread of repeats here" not in "\n".join(many_tasks.setup_report(res)[0])
