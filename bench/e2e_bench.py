@@ -653,7 +653,14 @@ def report(res: dict[str, Any]) -> str:
             f"at the same rate a request costs {total_h:.2f} ms of CPU over HTTP (server and load "
             f"generator) against {total_i:.2f} ms in process, {total_i / max(total_h, 1e-9):.2f} of it, "
             "and on these 2 cores the throughput at the target follows the CPU per request. Where "
-            f"the extra goes: {named}.",
+            f"the extra goes: {named}."
+            + (
+                " The OpenMP workers do the same forwards in both processes; in the server they spin "
+                "longer waiting for the model thread's next op (it waits for the GIL behind the event "
+                f"loop's HTTP work), which the GOMP_SPINCOUNT={SPIN} row above bounds."
+                if diffs[0][1].startswith("OpenMP")
+                else ""
+            ),
         ]
     lines += ["", "![p99 vs offered rate, RSS vs tasks](bench/results/50-e2e.png)"]
     return "\n".join(lines)
