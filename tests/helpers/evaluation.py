@@ -41,9 +41,7 @@ def expected_scores(logits: np.ndarray, truth: list[int], labels: list[str], bin
     t = np.array(truth)
     k = len(labels)
     confusion = [[int(((t == i) & (pred == j)).sum()) for j in range(k)] for i in range(k)]
-    per_class = {
-        labels[i]: (float((pred[t == i] == i).mean()) if (t == i).any() else None) for i in range(k)
-    }
+    per_class = {labels[i]: (float((pred[t == i] == i).mean()) if (t == i).any() else None) for i in range(k)}
     ece = 0.0
     edges = np.linspace(0, 1, bins + 1)
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
@@ -59,10 +57,10 @@ def expected_scores(logits: np.ndarray, truth: list[int], labels: list[str], bin
     }
 
 
-def image_folder_zip(entries: list[tuple[str, bytes]], **zip_kwargs: object) -> bytes:
+def image_folder_zip(entries: list[tuple[str, bytes]]) -> bytes:
     """A zip holding ``entries`` (archive path, bytes), deflated."""
     out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, **zip_kwargs) as zf:  # type: ignore[arg-type]
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name, data in entries:
             zf.writestr(name, data)
     return out.getvalue()

@@ -13,7 +13,7 @@ import random
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from PIL import Image
@@ -365,7 +365,7 @@ ARCHIVE_UNPACKED_LIMIT = 2 * 1024 * 1024
 
 
 def _zip(
-    entries: list[tuple[zipfile.ZipInfo | str, bytes]], compression: int = zipfile.ZIP_DEFLATED
+    entries: Sequence[tuple[zipfile.ZipInfo | str, bytes]], compression: int = zipfile.ZIP_DEFLATED
 ) -> bytes:
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", compression=compression) as z:
@@ -434,3 +434,138 @@ def hostile_archives(image: bytes, label: str) -> Iterator[ArchiveCase]:
     yield ArchiveCase(
         "undecodable-image", _zip([(ok, image), (f"{label}/bad.png", b"not an image")]), 400, "bad_image"
     )
+
+
+# ------------------------------------------------------------------------- version lifecycle requests
+@dataclass(frozen=True)
+class LifecycleCase:
+    """A hostile request on the version routes of an existing task ``task`` that keeps versions 1 and 2
+    only (2 current) and the admin ``token``: the status and code a correct server answers, changing
+    nothing. ``{task}`` and ``{gone}`` (a deleted task) are filled in by the test."""
+
+    name: str
+    method: str
+    path: str
+    params: dict[str, str]
+    admin: bool
+    status: int
+    code: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def hostile_lifecycle() -> Iterator[LifecycleCase]:
+    promote = "/tasks/{task}/versions/{v}/promote"
+    for v in ("3", "99", str(2**53)):
+        yield LifecycleCase(
+            f"promote-missing-{v}", "POST", promote.replace("{v}", v), {}, True, 404, "version_not_found"
+        )
+        yield LifecycleCase(
+            f"get-missing-{v}", "GET", f"/tasks/{{task}}/versions/{v}", {}, False, 404, "version_not_found"
+        )
+    for v in ("0", "-1", "x", "1.5", str(2**53 + 1), "1e3"):
+        yield LifecycleCase(
+            f"promote-bad-version-{v}", "POST", promote.replace("{v}", v), {}, True, 422, "invalid_parameter"
+        )
+        yield LifecycleCase(
+            f"get-bad-version-{v}",
+            "GET",
+            f"/tasks/{{task}}/versions/{v}",
+            {},
+            False,
+            422,
+            "invalid_parameter",
+        )
+    gates = [
+        {"min_accuracy": "1.01"},
+        {"min_accuracy": "-0.5"},
+        {"min_accuracy": "nan"},
+        {"min_accuracy": "inf"},
+        {"min_agreement": "2"},
+        {"min_agreement": "yes"},
+        {"min_images": "0"},
+        {"min_images": "-3"},
+        {"min_images": "2.5"},
+        {"min_images": str(10**12)},
+    ]
+    for gate in gates:
+        key, value = next(iter(gate.items()))
+        yield LifecycleCase(
+            f"gate-{key}-{value}", "POST", promote.replace("{v}", "1"), gate, True, 422, "invalid_parameter"
+        )
+    yield LifecycleCase(
+        "gate-missing-accuracy",
+        "POST",
+        promote.replace("{v}", "1"),
+        {"min_accuracy": "0.5"},
+        True,
+        409,
+        "gate_metric_missing",
+    )
+    yield LifecycleCase(
+        "gate-missing-agreement",
+        "POST",
+        promote.replace("{v}", "1"),
+        {"min_agreement": "0.1"},
+        True,
+        409,
+        "gate_metric_missing",
+    )
+    yield LifecycleCase(
+        "promote-deleted-task", "POST", "/tasks/{gone}/versions/1/promote", {}, True, 404, "task_not_found"
+    )
+    yield LifecycleCase(
+        "versions-deleted-task", "GET", "/tasks/{gone}/versions", {}, False, 404, "task_not_found"
+    )
+    yield LifecycleCase(
+        "promote-bad-name", "POST", "/tasks/..%2Fx/versions/1/promote", {}, True, 404, "not_found"
+    )
+    yield LifecycleCase(
+        "promote-upper-name", "POST", "/tasks/ABC/versions/1/promote", {}, True, 422, "invalid_task_name"
+    )
+    yield LifecycleCase(
+        "promote-no-token", "POST", promote.replace("{v}", "1"), {}, False, 401, "missing_token"
+    )
+    predict = "/tasks/{task}/predict"
+    yield LifecycleCase(
+        "predict-version-no-token", "POST", predict, {"version": "1"}, False, 401, "missing_token"
+    )
+    yield LifecycleCase(
+        "predict-version-header-no-token",
+        "POST",
+        predict,
+        {},
+        False,
+        401,
+        "missing_token",
+        (("X-SSF-Version", "1"),),
+    )
+    yield LifecycleCase(
+        "predict-version-kept-not-resident", "POST", predict, {"version": "1"}, True, 404, "version_not_found"
+    )
+    yield LifecycleCase(
+        "predict-version-0", "POST", predict, {"version": "0"}, True, 422, "invalid_parameter"
+    )
+    for bad in ("x", "-1", "", "1 2", "0"):
+        yield LifecycleCase(
+            f"predict-header-{bad!r}",
+            "POST",
+            predict,
+            {},
+            True,
+            422,
+            "invalid_parameter",
+            (("X-SSF-Version", bad),),
+        )
+    yield LifecycleCase(
+        "predict-header-disagrees",
+        "POST",
+        predict,
+        {"version": "2"},
+        True,
+        422,
+        "invalid_parameter",
+        (("X-SSF-Version", "1"),),
+    )
+    yield LifecycleCase("audit-no-token", "GET", "/audit", {}, False, 401, "missing_token")
+    for params in ({"limit": "0"}, {"limit": "10001"}, {"limit": "x"}, {"task": "../etc"}, {"task": "A"}):
+        yield LifecycleCase(f"audit-{params}", "GET", "/audit", params, True, 422, "invalid_parameter")
