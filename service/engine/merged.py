@@ -121,10 +121,14 @@ def meta_skeleton(plain: nn.Module) -> nn.Module:
     return copy.deepcopy(plain, memo)
 
 
-def assign_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Make ``state``'s tensors the model's own (no copy), including head tensors of another class count."""
-    ssf.add_created_biases(model, state)
-    expected = set(model.state_dict())
+def assign_state(
+    model: nn.Module, state: Mapping[str, torch.Tensor], expected: set[str] | None = None
+) -> None:
+    """Make ``state``'s tensors the model's own (no copy), including head tensors of another class count.
+    ``expected``: the model's state-dict keys, when the caller has them (``state_dict()`` costs ms)."""
+    if expected is None:
+        ssf.add_created_biases(model, state)
+        expected = set(model.state_dict())
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise KeyError(f"merged state does not fit the model: missing {missing[:3]}, extra {extra[:3]}")
@@ -164,13 +168,14 @@ class MergedBuilder:
 
     def refolded_state(
         self,
-        model: nn.Module,
+        current: Mapping[str, torch.Tensor],
         sites: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
         head: Mapping[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
         """``merged_state``, writing each folded weight into ``model``'s own tensor of that name when it has
-        one of the right shape and dtype that is not the base's (float32: the fresh path's very op)."""
-        own = {k: t for k, t in model.state_dict().items() if t.data_ptr() not in self._base_ptrs}
+        one of the right shape and dtype that is not the base's (float32: the fresh path's very op).
+        ``current``: that model's state dict."""
+        own = {k: t for k, t in current.items() if t.data_ptr() not in self._base_ptrs}
         any_base = next(iter(self.base.values()))
         state = dict(self.base)
 
@@ -214,13 +219,20 @@ class MergedBuilder:
         more (the LRU's evicted one): the new copy is that module, its folded tensors overwritten in place
         (the same values, bit for bit, as a fresh build: the same ops, written with ``out=``)."""
         start = time.perf_counter()
-        if reuse is None:
-            model = build_plain(self.skeleton, self.merged_state(sites, head))
-        else:
-            model = reuse
-            assign_state(model, self.refolded_state(model, sites, head))
+        state = None
+        if reuse is not None:
+            current = reuse.state_dict()
+            state = self.refolded_state(current, sites, head)
+            if set(state) == set(current):
+                assign_state(reuse, state, expected=set(current))
+                model = reuse
+            else:  # e.g. the old copy has a bias folding created that this task does not fold: fresh
+                state = None
+        if state is None:
+            state = self.merged_state(sites, head)
+            model = build_plain(self.skeleton, state)
         if next(iter(self.base.values())).is_cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        owned = sum(t.nbytes for t in model.state_dict().values() if t.data_ptr() not in self._base_ptrs)
+        owned = sum(t.nbytes for t in state.values() if t.data_ptr() not in self._base_ptrs)
         return model, owned, seconds

@@ -53,6 +53,7 @@ class SiteTables:
         self._scale_rows = self.scale_all[:1]  # [B, W]: the current batch's rows
         self._shift_rows = self.shift_all[:1]
         self._layouts: dict[tuple[int, int], tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
+        self._row_layouts: dict[int, dict[tuple[int, int], Any]] = {}  # per row, for one-task batches
 
     def _views(self) -> None:
         """Per-site ``[T, C]`` views of the tables (for writing a task's rows)."""
@@ -69,6 +70,7 @@ class SiteTables:
         shift[:old] = self.shift_all
         self.scale_all, self.shift_all = scale, shift
         self._views()
+        self._row_layouts.clear()  # views of the old tables
         if self.norms is not None:
             self.norms.resize(self.capacity)
         self.free.extend(range(self.capacity - 1, old - 1, -1))
@@ -108,11 +110,17 @@ class SiteTables:
             self.norms.batch, self.norms.single, self.norms.rows = self.batch, -1, rows
 
     def select(self, row: int, batch: int) -> None:
-        """Every sample of the batch is the task at ``row``: broadcast its row, gather nothing."""
+        """Every sample of the batch is the task at ``row``: broadcast its row, gather nothing. The row's
+        shaped views are kept (they are views: a row rewritten in place stays current; growth drops them)."""
         self.batch, self.single = batch, row
         self._scale_rows = self.scale_all[row : row + 1]
         self._shift_rows = self.shift_all[row : row + 1]
-        self._layouts = {}
+        layouts = self._row_layouts.get(row)
+        if layouts is None:
+            if len(self._row_layouts) >= 256:
+                self._row_layouts.clear()
+            layouts = self._row_layouts[row] = {}
+        self._layouts = layouts
         if self.norms is not None:
             self.norms.batch, self.norms.single = batch, row
 
