@@ -69,3 +69,21 @@ def test_the_lru_builds_into_the_copy_it_evicts() -> None:
         assert backend.cache.keys() == [entries[i].key]
         with torch.no_grad():
             assert torch.equal(backend.run_merged(entries[i], x), want[i](x))
+
+
+def test_an_evicted_copy_with_a_bias_the_new_task_lacks_is_not_reused() -> None:
+    """Folding a site into a bias-free op (qkv without bias) creates a bias; a task that does not fold
+    that site has no such key, so the old copy's module layout does not fit: the build is fresh."""
+    plain = make("vit_noqkvbias_avgpool")
+    sites = ssf.find_sites(plain)
+    backend = TorchBackend(plain, sites, torch.device("cpu"), torch.float32, 1 << 30, EngineMetrics())
+    every = random_entry(backend, "every", 1, sites)
+    no_qkv = random_entry(backend, "no-qkv", 2, [s for s in sites if not s.path.endswith("qkv")])
+    old, _, _ = backend.builder.build(every.delta.sites, every.head)
+    assert any(k.endswith("qkv.bias") for k in old.state_dict())
+    built, _, _ = backend.builder.build(no_qkv.delta.sites, no_qkv.head, reuse=old)
+    fresh, _, _ = backend.builder.build(no_qkv.delta.sites, no_qkv.head)
+    assert built is not old and not any(k.endswith("qkv.bias") for k in built.state_dict())
+    x = torch.randn(2, *ssf.sites.input_size(plain), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(built(x), fresh(x))
