@@ -145,6 +145,13 @@ class NormTables:
     def constants(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean 0 and variance 1 vectors of length ``n`` (views kept per length, never made per forward)."""
         pair = self._constants.get(n)
+        if pair is None and self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # inside a CUDA-graph capture a new tensor's fill only runs at replay: never cache it
+            z, o = (
+                torch.zeros(n, device=self.device, dtype=self.dtype),
+                torch.ones(n, device=self.device, dtype=self.dtype),
+            )
+            return z, o
         if pair is None:
             if self._ones.numel() < n:
                 self._ones = torch.ones(n, device=self.device, dtype=self.dtype)
