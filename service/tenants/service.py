@@ -19,7 +19,7 @@ from service.tenants.model import Principal, Role, Tenant, TenantError, TokenRec
 
 log = logging.getLogger("service.tenants")
 
-BURST_S = 0.2  # a bucket holds this many seconds of its rate (at least one request's cost)
+BURST_S = 1.0  # a bucket holds this many seconds of its rate (at least one request's cost)
 
 
 class TokenExpired(Exception):
