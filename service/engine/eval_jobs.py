@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from service.engine.protocol import EngineError
+from service.engine.protocol import EngineError, Overloaded
 from service.store.base import StoreError, StoreUnavailable, TaskNotFound
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,8 @@ Progress = Callable[[int], None]
 class EvalJobs:
     """Background evaluations of this process, the most recent ``max_jobs`` kept."""
 
-    def __init__(self, max_jobs: int = 100) -> None:
-        self.max_jobs = max_jobs
+    def __init__(self, max_jobs: int = 100, max_running: int = 2) -> None:
+        self.max_jobs, self.max_running = max_jobs, max_running
         self.jobs: OrderedDict[str, EvalJob] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -139,6 +139,9 @@ class EvalJobs:
         version: int | None,
         run: Callable[[Progress], Awaitable[EvalReport]],
     ) -> EvalJob:
+        running = sum(1 for j in self.jobs.values() if j.state in ("queued", "running"))
+        if running >= self.max_running:  # each job holds its images in memory until it ends
+            raise Overloaded(f"{running} evaluation jobs are running here; retry when one ends", 5.0)
         job = EvalJob(id=secrets.token_hex(8), task=task, images=images, version=version)
         self.jobs[job.id] = job
         while len(self.jobs) > self.max_jobs:
