@@ -124,8 +124,8 @@ def report(rows: list[dict[str, Any]], reps: int) -> str:
 
 def main(quick: bool = False) -> None:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    reps = 5 if quick else 15
-    rows = measure("test_vit" if quick else "ssf_demo_vit", 32, reps)
+    reps = 3 if quick else 7
+    rows = measure("test_vit" if quick else "ssf_demo_vit", 16, reps)
     write_section("60-shadow", report(rows, reps))
 
 
