@@ -667,7 +667,13 @@ def report(res: dict[str, Any]) -> str:
             + (
                 " The OpenMP workers do the same forwards in both processes; in the server they spin "
                 "longer waiting for the model thread's next op (it waits for the GIL behind the event "
-                f"loop's HTTP work), which the GOMP_SPINCOUNT={SPIN} row above bounds."
+                "loop's HTTP work). "
+                + (
+                    f"Bounding the spin (GOMP_SPINCOUNT={SPIN}) raised the HTTP row to {ratio_spin:.2f}."
+                    if ratio_spin > ratio
+                    else f"Bounding the spin (GOMP_SPINCOUNT={SPIN}) did not raise throughput in this run "
+                    f"({ratio_spin:.2f})."
+                )
                 if diffs[0][1].startswith("OpenMP")
                 else ""
             ),
