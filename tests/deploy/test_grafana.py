@@ -1,5 +1,6 @@
 """deploy/grafana/ssf.json: a valid dashboard whose every metric exists in the /metrics output of a running
-server (``python -m service.cli`` in a subprocess), so a renamed metric breaks this test, not the dashboard."""
+server (``python -m service.cli`` in a subprocess), so a renamed metric breaks this test, not the
+dashboard."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def test_the_dashboard_is_well_formed() -> None:
     assert len(ids) == len(set(ids))
     for panel in data["panels"]:
         grid = panel["gridPos"]
-        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, panel["title"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
     assert len(expressions()) >= 20
     for expr in expressions():
         assert expr.count("(") == expr.count(")"), expr
@@ -96,4 +97,3 @@ def test_a_misspelt_metric_would_be_caught(server: Server) -> None:
     assert "ssf_engine_batches_total" in served or "ssf_engine_batches" in {family(n) for n in served}
     assert "ssf_engine_batchez_total" not in served
     assert family("ssf_engine_batchez_total") not in {family(n) for n in served}
-
