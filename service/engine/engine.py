@@ -52,7 +52,7 @@ from service.engine.scheduler import Pending, Scheduler
 from service.engine.shadow import Shadow
 from service.engine.workers import Workers
 from service.settings import EngineConfig
-from service.store.base import StoredTask, StoreError, TaskHistory, TaskStore
+from service.store.base import StoredTask, StoreError, TaskHistory, TaskNotFound, TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -382,6 +382,7 @@ class Engine:
         pointer moves (so this replica switches at once), then published; other replicas follow."""
         self._require_started()
         target = await self.task_version(name, version)  # TaskNotFound, VersionNotKept: 404
+        previous = await self.workers.on_cpu(self._current_version, name)  # the store's, not this replica's
         numbers = {}
         if gate is not None and not gate.empty:
             numbers = check_gate(target, gate, self.shadow.stats(name))
@@ -406,7 +407,13 @@ class Engine:
             residency.publish(entry, stored)
         elif not await residency.adopt_staged(stored) and now is not None and now.version == version:
             now.stored = stored
-        return Promotion(stored, current.version if current is not None else None, numbers)
+        return Promotion(stored, previous, numbers)
+
+    def _current_version(self, name: str) -> int | None:
+        try:
+            return self.store.get(name).version
+        except TaskNotFound:
+            return None
 
     async def onnx_model(self, name: str) -> bytes:
         self._require_started()

@@ -312,7 +312,7 @@ def test_every_admin_action_is_in_the_audit_log_once_on_every_replica(pair: Pair
     for record in views[0]:
         assert record["task"] == task and record["principal"] == "operator"
         assert record["token_id"] == "admin-token"
-        if record["outcome"] == "ok" and record["to_version"] is not None:
+        if record["outcome"] == "ok" and record["action"] in ("upload", "stage", "promote", "rollback"):
             assert record["sha256"] == sha[record["to_version"]]
     assert TOKEN not in httpx.get(f"{pair.a.url}/audit", params={"limit": 10_000}, headers=AUTH).text
 
@@ -347,3 +347,29 @@ def test_the_python_client_runs_the_whole_flow(pair: Pair) -> None:
         actions = [r["action"] for r in c.audit(task=task)]
         assert actions == ["upload", "stage", "evaluate", "promote", "promote", "rollback"]
         c.delete(task)
+
+
+def test_hostile_lifecycle_requests_are_4xx_and_change_nothing(pair: Pair) -> None:
+    from tests.reliability.corpus import hostile_lifecycle
+
+    task, gone = f"hostile-{pair.kind}", f"gone-{pair.kind}"
+    assert upload(pair.a.url, task_delta(task, 801)).status_code == 201
+    assert upload(pair.a.url, task_delta(task, 802), replace=True).status_code == 201
+    assert upload(pair.a.url, task_delta(gone, 803)).status_code == 201
+    assert httpx.delete(f"{pair.a.url}/tasks/{gone}", headers=AUTH).status_code == 204
+    before = [httpx.get(f"{url}/tasks/{task}/versions").json() for url in pair.urls]
+    cases = list(hostile_lifecycle())
+    assert len(cases) > 40
+    with httpx.Client(timeout=30) as http:
+        for i, case in enumerate(cases):
+            url = pair.urls[i % 2]
+            headers = dict(case.headers) | (AUTH if case.admin else {})
+            path = case.path.replace("{task}", task).replace("{gone}", gone)
+            kwargs = {"files": {"image": ("x.png", IMG)}} if path.endswith("/predict") else {}
+            r = http.request(case.method, url + path, params=case.params, headers=headers, **kwargs)
+            assert_error(r, case.status, case.code)
+    after = [httpx.get(f"{url}/tasks/{task}/versions").json() for url in pair.urls]
+    assert after == before  # nothing changed: same current version, same history, nothing staged
+    for url in pair.urls:
+        assert predict(url, task).json()["version"] == 2
+    assert httpx.delete(f"{pair.a.url}/tasks/{task}", headers=AUTH).status_code == 204
