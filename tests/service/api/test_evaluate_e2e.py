@@ -220,3 +220,27 @@ def test_bad_input_is_a_4xx_naming_the_problem_and_changes_nothing(server: Serve
     r = post_pairs(server.url, "bees", [image], ["bees-class0"])
     assert_error(r, 404, "task_not_found")
     assert all(t["name"] != "bees" for t in snapshot(server.url))
+
+
+def test_a_kept_older_version_is_scored_beside_the_current_one(server: Server, weights: Path) -> None:
+    """A version of the history (not resident: installed for the evaluation only, then released)."""
+    old, new = task_delta("moths", 15), task_delta("moths", 16)
+    assert upload(server.url, old).status_code == 201
+    assert upload(server.url, new, replace=True).status_code == 201
+    labels = [f"moths-class{i}" for i in range(4)]
+    imgs = images(9, seed=4)
+    truth, _ = labelled(weights, new, imgs)
+    r = post_pairs(server.url, "moths", imgs, [labels[t] for t in truth], version=1)
+    assert r.status_code == 200, r.text
+    cur, kept = r.json()["results"]
+    assert (cur["version"], cur["current"], kept["version"], kept["current"]) == (2, True, 1, False)
+    for result, delta in ((cur, new), (kept, old)):
+        want = expected_scores(offline_logits(weights, delta, imgs), truth, labels, BINS)
+        assert result["confusion_matrix"]["counts"] == want["confusion"]
+        assert result["mean_confidence"] == pytest.approx(want["mean_confidence"], abs=1e-4)
+    # each result is stored with its own version; the current one still answers predictions
+    got = httpx.get(f"{server.url}/tasks/moths/versions/1", headers=AUTH)
+    assert got.status_code == 200 and got.json()["metrics"]["eval"]["accuracy"] == kept["accuracy"]
+    p = httpx.post(f"{server.url}/tasks/moths/predict", files={"image": ("a.png", imgs[0])})
+    assert p.status_code == 200 and p.json()["version"] == 2
+    httpx.delete(f"{server.url}/tasks/moths", headers=AUTH)
