@@ -4,8 +4,10 @@ When a task has a staged version resident, each of its requests is picked with p
 ``SSF_SHADOW_FRACTION`` as the batch is built. A picked request's input is duplicated under the staged
 version's entry: on the mixed path that is one more group of rows in the same forward (the staged
 version's scale/shift rows are gathered like any other task's); on a merged or ONNX batch, which holds
-one task, the shadow rows run in one extra forward right after it. The answer always comes from the
-current version; the staged version's logits are only compared with it:
+one task, the shadow rows run in one extra forward right after it. Shadow rows ride on top of
+``SSF_MAX_BATCH_SIZE`` (at a fraction of 1 a mixed batch holds up to twice as many rows), so they never
+push a live request out of its batch. The answer always comes from the current version; the staged
+version's logits are only compared with it:
 
 - agreement: the share of images whose top-1 label (by name) is the same for both versions;
 - drift: the mean total variation distance between the two softmax distributions, labels matched by
