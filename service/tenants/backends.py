@@ -143,12 +143,16 @@ class LocalBackend:
         self._update("tenants.json", lambda d: d.update({tenant.name: tenant.to_json()}) is None)
 
     def delete_tenant(self, name: str) -> bool:
+        if name not in self._read("tenants.json"):  # nothing to do: and nothing created on disk
+            return False
         return self._update("tenants.json", lambda d: d.pop(name, None) is not None)
 
     def put_token(self, record: TokenRecord) -> None:
         self._update("tokens.json", lambda d: d.update({record.id: record.to_json()}) is None)
 
     def delete_token(self, token_id: str) -> bool:
+        if token_id not in self._read("tokens.json"):
+            return False
         return self._update("tokens.json", lambda d: d.pop(token_id, None) is not None)
 
     def take(self, takes: list[Take]) -> Refusal | None:
