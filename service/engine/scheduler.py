@@ -377,7 +377,10 @@ class Scheduler:
         if policy == "merged":
             return "merged", self._fill(by_task[window[0].entry.key])
         if policy == "auto":
-            key, group = max(by_task.items(), key=lambda kv: sum(p.n for p in kv[1]))
+            if ordered is self.queue:  # one tenant: the task with the most images waiting may go alone
+                _, group = max(by_task.items(), key=lambda kv: sum(p.n for p in kv[1]))
+            else:  # several: only the task fair order runs next may (else a busy tenant's merged batches
+                group = by_task[window[0].entry.key]  # would keep jumping another tenant's request)
             n = sum(p.n for p in group)
             if self._merged_wins(group[0].entry, n, single=len(by_task) == 1):
                 return "merged", self._fill(group)

@@ -121,3 +121,19 @@ def test_tags_are_committed_for_what_runs() -> None:
         assert sorted(p.lane.tenant for p in items) == ["a", "a", "b", "b"]
 
     asyncio.run(scenario())
+
+
+def test_a_merged_batch_never_jumps_the_fair_order() -> None:
+    """With the ``auto`` policy a busy tenant's one task is a merged-batch candidate every time (a cached
+    copy, a full window of its images); choosing it must not keep another tenant's request waiting: b runs
+    within two batches, however long a's queue."""
+    cfg = EngineConfig(max_batch_size=4, path_policy="auto", merged_min_batch=2)
+    s = Scheduler(cfg, lambda path, items: BatchRun([]), None, EngineMetrics(), lambda e: True)  # type: ignore[arg-type]
+    a, b = Lane("a"), Lane("b")
+    s.queue = [_pending("a.t", 1, a, i) for i in range(40)] + [_pending("b.t", 1, b, 100)]
+    served = []
+    for _ in range(2):
+        path, items = s.choose()
+        s._take(items)
+        served.append((path, sorted({p.lane.tenant for p in items})))
+    assert any("b" in tenants for _, tenants in served), served
