@@ -96,7 +96,7 @@ async def _upload(
     if not facts["task"]:
         facts["task"] = delta_task_name(data)
     if facts["task"] and TASK_NAME_RE.fullmatch(facts["task"]):
-        facts["from_version"] = _current_version(engine, facts["task"])
+        facts["from_version"] = stored_current_version(engine, facts["task"])
     # an empty name means "use the name in the file", as when it is left out; the engine checks either
     if stage:
         stored = await engine.stage_task(data, name or None)  # type: ignore[attr-defined]
@@ -118,17 +118,19 @@ async def get_task(name: TaskName, engine: EngineDep) -> TaskInfo:
 async def delete_task(name: TaskName, request: Request, engine: ReadyEngineDep) -> Response:
     """Delete the task: every kept version, its staged version and its history."""
     async with audited(request, "delete", name) as facts:
-        facts["from_version"] = _current_version(engine, name)
+        facts["from_version"] = stored_current_version(engine, name)
         await engine.delete_task(name)
         facts["status"] = 204
     return Response(status_code=204)
 
 
-def _current_version(engine: EngineAPI, name: str) -> int | None:
-    """The task's current version for the audit record (None when it has none or cannot be read)."""
+def stored_current_version(engine: EngineAPI, name: str) -> int | None:
+    """The task's current version for the audit record, read from the engine's store (not through the
+    facade, whose calls are the action's own); None when it has none or it cannot be read."""
+    store = getattr(engine, "store", None)
     try:
-        return engine.get_task(name).version
-    except (StoreError, EngineError):
+        return int(store.get(name).version) if store is not None else None
+    except (StoreError, EngineError, ValueError):
         return None
 
 

@@ -15,6 +15,7 @@ from service.api.audit import audited
 from service.api.deps import Admin, EngineDep, ReadyEngineDep, get_settings
 from service.api.errors import ApiError
 from service.api.forms import TaskName
+from service.api.routes.tasks import stored_current_version
 from service.api.schemas import GateNumbers, Promotion, TaskInfo, TaskVersions
 from service.api.schemas import error_responses as errors
 from service.engine.lifecycle import Gate, LifecycleAPI
@@ -93,7 +94,4 @@ async def promote(
 
 
 def _before(engine: EngineAPI, name: str) -> dict[str, Any]:
-    try:
-        return {"from_version": engine.get_task(name).version}
-    except Exception:  # no current version, or no task: the promotion itself says which
-        return {"from_version": None}
+    return {"from_version": stored_current_version(engine, name)}

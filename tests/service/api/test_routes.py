@@ -26,6 +26,7 @@ TASK_KEYS = {
     "created_at",
     "metrics",
     "shadow",  # null unless the task has a staged version under shadow traffic
+    "staged_version",  # null unless the task has a staged version
 }
 
 
