@@ -177,9 +177,11 @@ class Engine:
     def get_task(self, name: str) -> StoredTask:
         return self._with_shadow(self.store.get(name))
 
-    async def add_task(
-        self, data: bytes, name: str | None, replace: bool, *, stage: bool = False
-    ) -> StoredTask:
+    async def add_task(self, data: bytes, name: str | None, replace: bool) -> StoredTask:
+        return await self._add(data, name, replace, stage=False)
+
+    async def _add(self, data: bytes, name: str | None, replace: bool, *, stage: bool) -> StoredTask:
+        """An upload: made current, or (``stage``) the task's staged version."""
         self._require_started()
         delta = await self.workers.on_cpu(self.residency.validate, data)
         task = check_task_name(name if name else delta.task)
@@ -358,7 +360,7 @@ class Engine:
 
     # ------------------------------------------------------------------ versions (lifecycle.py)
     async def stage_task(self, data: bytes, name: str | None) -> StoredTask:
-        return await self.add_task(data, name, replace=False, stage=True)
+        return await self._add(data, name, replace=False, stage=True)
 
     async def task_history(self, name: str) -> TaskHistory:
         history: TaskHistory = await self.workers.on_cpu(self.store.history, name)
