@@ -50,6 +50,8 @@ ROUTES: dict[tuple[str, str], Perm] = {
     ("GET", "/metrics"): Perm.PUBLIC,
     ("GET", "/backbone"): Perm.PUBLIC,
     ("GET", "/console"): Perm.PUBLIC,
+    ("GET", "/console/console.js"): Perm.PUBLIC,
+    ("GET", "/console/console.css"): Perm.PUBLIC,
     ("GET", "/tasks"): Perm.PUBLIC,
     ("POST", "/tasks"): Perm.UPLOAD,
     ("GET", "/tasks/{name}"): Perm.PUBLIC,
