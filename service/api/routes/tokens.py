@@ -30,9 +30,9 @@ class QuotaSpec(BaseModel):
     images_per_s: float | None = Field(
         default=None, gt=0, description="images per second, all replicas together"
     )
-    max_tasks: int | None = Field(default=None, ge=0, description="tasks the tenant may own")
+    max_tasks: int | None = Field(default=None, ge=0, strict=True, description="tasks the tenant may own")
     max_bytes: int | None = Field(
-        default=None, ge=0, description="bytes of current versions the tenant may store"
+        default=None, ge=0, strict=True, description="bytes of current versions the tenant may store"
     )
 
 
@@ -104,7 +104,7 @@ def _info(tenant: Tenant) -> TenantInfo:
     )
 
 
-@router.put("/tenants/{tenant}", response_model=TenantInfo, responses=errors(401, 403, 422, 503))
+@router.put("/tenants/{tenant}", response_model=TenantInfo, responses=errors(400, 401, 403, 422, 503))
 async def put_tenant(tenant: TenantName, spec: TenantSpec, tenants: TenantsDep) -> TenantInfo:
     """Create a tenant or replace its weight, quotas and shares (every replica within the refresh bound)."""
     record = Tenant(validate_tenant(tenant), spec.weight, Quotas(**spec.quotas.model_dump()), spec.shares)
@@ -128,7 +128,7 @@ async def delete_tenant(tenant: TenantName, tenants: TenantsDep) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/tokens", status_code=201, response_model=NewToken, responses=errors(401, 403, 422, 503))
+@router.post("/tokens", status_code=201, response_model=NewToken, responses=errors(400, 401, 403, 422, 503))
 async def create_token(body: TokenRequest, tenants: TenantsDep) -> NewToken:
     """A new token; the answer is the only place its string ever appears."""
     try:
