@@ -3,7 +3,7 @@
 # device facts, the GPU-marked tests (tests/gpu), then the GPU benchmark (bench/gpu_bench.py).
 # Wheels of packages the host lacks may wait in .whl/ (they are installed to /tmp/site first).
 # Results go to $OUT (default /tmp/ssf-gpu): device.txt, gpu-tests.log/.xml, gpu-errors.jsonl (every
-# measured error), gpu-bench.log, 60-gpu.md/.png (the BENCHMARKS.md section).
+# measured error), gpu-profile.txt (top kernels, bare vs mixed), gpu-bench.log, 60-gpu.md/.png (the BENCHMARKS.md section).
 #     OUT=/tmp/ssf-gpu bash bench/gpu_run.sh [extra gpu_bench args]
 set -uo pipefail
 OUT=${OUT:-/tmp/ssf-gpu}
@@ -23,6 +23,11 @@ PY
 timeout 240 python3 -m pytest tests/gpu -p no:cacheprovider --confcutdir=tests/gpu -q -rs \
     --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log"
 tests_rc=${PIPESTATUS[0]}
+python3 -m bench.gpu_tests_report "$SSF_GPU_REPORT" "$(tail -n1 "$OUT/gpu-tests.log" | tr -d '=')" \
+    "$(head -n1 "$OUT/device.txt" | cut -c1-0)$(sed -n 3p "$OUT/device.txt")" && cp bench/results/61-gpu-tests.md "$OUT/"
+for m in vit_base_patch16_224 tf_efficientnet_lite0; do
+    timeout 60 python3 -m bench.gpu_profile --model $m --batch 64 --dtype float16 2>&1 | tee -a "$OUT/gpu-profile.txt"
+done
 timeout 330 python3 -m bench.gpu_bench "$@" 2>&1 | tee "$OUT/gpu-bench.log"
 bench_rc=${PIPESTATUS[0]}
 cp bench/results/60-gpu.md bench/results/60-gpu.png "$OUT/" 2>/dev/null

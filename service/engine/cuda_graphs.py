@@ -62,6 +62,7 @@ class GraphedTrunk:
         key = self.tables_key()
         if key != self.key:  # the tables moved: every graph reads stale addresses
             self.graphs.clear()
+            self.pool = None  # a fresh pool: capturing into one whose graphs died trips the allocator
             self.key = key
         g = self.graphs.get(size)
         if g is None:

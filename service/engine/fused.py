@@ -8,8 +8,9 @@ Two kinds of slot replace the forward of the module they sit on (an instance att
 - ``NormSlot``: an eval-mode BatchNorm and the SSF sites around it (the conv that feeds it, the norm's own
   site) are one per-channel affine per task, ``A = s1*a*s2, C = (t1*a + c)*s2 + t2`` (``a, c``: the norm's
   frozen statistics), stored per task in ``NormTables``. The slot runs ONE ``batch_norm`` with those rows
-  as its weight and bias (mean 0, variance 1, eps 0: exactly ``x*A + C``), over the batch viewed as one
-  sample of ``B*C`` channels when samples differ. So a depthwise-conv network's mixed forward runs no more
+  as its weight and bias (mean 0, variance ``1 - EPS``, eps ``EPS = 2**-20``: the two sum to exactly 1
+  in float32, so it computes ``x*A + C``; torch refuses eps 0 in some versions), over the batch viewed as
+  one sample of ``B*C`` channels when samples differ. So a depthwise-conv network's mixed forward runs no more
   passes over its activations than the bare one (the unfused path added two per conv+norm pair).
 
 A conv is absorbed into the norm after it only when a traced forward shows the norm's input IS the conv's
@@ -29,6 +30,7 @@ from torch import nn
 import ssf
 
 _NORM_TYPES: tuple[type, ...] = (nn.BatchNorm2d, BatchNormAct2d)
+EPS = 2.0**-20  # with variance 1 - EPS (exact in float32): rsqrt(var + eps) is exactly 1
 
 
 def fusable_norm(module: nn.Module) -> bool:
@@ -143,18 +145,18 @@ class NormTables:
         return tuple(self.A[p].data_ptr() for p in self.paths)
 
     def constants(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean 0 and variance 1 vectors of length ``n`` (views kept per length, never made per forward)."""
+        """Mean 0 and variance ``1 - EPS`` vectors of length ``n`` (views kept per length)."""
         pair = self._constants.get(n)
         if pair is None and self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             # inside a CUDA-graph capture a new tensor's fill only runs at replay: never cache it
             z, o = (
                 torch.zeros(n, device=self.device, dtype=self.dtype),
-                torch.ones(n, device=self.device, dtype=self.dtype),
+                torch.full((n,), 1 - EPS, device=self.device, dtype=self.dtype),
             )
             return z, o
         if pair is None:
             if self._ones.numel() < n:
-                self._ones = torch.ones(n, device=self.device, dtype=self.dtype)
+                self._ones = torch.full((n,), 1 - EPS, device=self.device, dtype=self.dtype)
                 self._zeros = torch.zeros(n, device=self.device, dtype=self.dtype)
                 self._constants.clear()  # views of the old, smaller vectors
             pair = self._constants[n] = (self._zeros[:n], self._ones[:n])
@@ -183,7 +185,7 @@ class NormSlot:
         if t.single >= 0:
             weight, bias = A[t.single], C[t.single]
             mean, var = t.constants(weight.shape[0])
-            y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, 0.0)
+            y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, EPS)
         else:
             b, c = x.shape[0], x.shape[1]
             weight, bias = A.index_select(0, t.rows).view(-1), C.index_select(0, t.rows).view(-1)
@@ -192,7 +194,7 @@ class NormSlot:
                 weight = weight.view(t.batch, c).repeat_interleave(k, 0).view(-1)
                 bias = bias.view(t.batch, c).repeat_interleave(k, 0).view(-1)
             mean, var = t.constants(b * c)
-            y = F.batch_norm(x.reshape(1, b * c, *x.shape[2:]), mean, var, weight, bias, False, 0.0, 0.0)
+            y = F.batch_norm(x.reshape(1, b * c, *x.shape[2:]), mean, var, weight, bias, False, 0.0, EPS)
             y = y.view(x.shape)
         return self.act(y) if self.act is not None else y
 
