@@ -24,7 +24,7 @@ timeout 240 python3 -m pytest tests/gpu -p no:cacheprovider --confcutdir=tests/g
     --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log"
 tests_rc=${PIPESTATUS[0]}
 python3 -m bench.gpu_tests_report "$SSF_GPU_REPORT" "$(tail -n1 "$OUT/gpu-tests.log" | tr -d '=')" \
-    "$(head -n1 "$OUT/device.txt" | cut -c1-0)$(sed -n 3p "$OUT/device.txt")" && cp bench/results/61-gpu-tests.md "$OUT/"
+    "$(sed -n 3p "$OUT/device.txt")" && cp bench/results/61-gpu-tests.md "$OUT/"
 for m in vit_base_patch16_224 tf_efficientnet_lite0; do
     timeout 60 python3 -m bench.gpu_profile --model $m --batch 64 --dtype float16 2>&1 | tee -a "$OUT/gpu-profile.txt"
 done

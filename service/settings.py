@@ -99,9 +99,9 @@ class EngineConfig(BaseModel):
         default=20, ge=0, description="tasks with their own per-task metric series; the rest are 'other'"
     )
     cuda_graphs: bool = Field(
-        default=False,
-        description="on CUDA, replay the mixed path as CUDA graphs (one per padded batch size); off until "
-        "tests/gpu has passed on a device",
+        default=True,
+        description="on CUDA, replay the mixed path's trunk as CUDA graphs (one per padded power-of-two "
+        "batch size up to max_batch_size; 0.2-0.5x the eager bare backbone's time at batch 1-8 on an H200)",
     )
 
     @model_validator(mode="after")

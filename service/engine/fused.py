@@ -28,6 +28,7 @@ from timm.layers import BatchNormAct2d
 from torch import nn
 
 import ssf
+from service.engine import triton_affine
 
 _NORM_TYPES: tuple[type, ...] = (nn.BatchNorm2d, BatchNormAct2d)
 EPS = 2.0**-20  # with variance 1 - EPS (exact in float32): rsqrt(var + eps) is exactly 1
@@ -207,6 +208,12 @@ class AffineSlot:
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         x = self.op(*args, **kwargs)
+        if triton_affine.available(x) and self.channel_dim % x.dim() == x.dim() - 1:
+            # CUDA, channels last: one bandwidth-bound kernel (addcmul's broadcast is not vectorized there)
+            scale, shift = self.tables.rows2d(self.position)
+            out = x if x._base is None and not x.requires_grad else torch.empty_like(x)
+            if triton_affine.apply(x, scale, shift, out):
+                return out
         scale, shift = self.tables.rows_for(self.position, self.channel_dim, x)
         if x._base is None and not x.requires_grad:
             # The op's fresh output is ours to overwrite: no second activation-sized tensor per site.

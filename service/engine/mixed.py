@@ -149,6 +149,16 @@ class SiteTables:
             scale, shift = scale.repeat_interleave(k, dim=0), shift.repeat_interleave(k, dim=0)
         return scale, shift
 
+    def rows2d(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Site ``position``'s ``[n, C]`` scale and shift rows of the current batch (n = 1 for one task)."""
+        views = self._layouts.get((0, 0))  # (0, 0): no output has rank 0, so no layout uses this key
+        if views is None:
+            views = self._layouts[(0, 0)] = (
+                self._scale_rows.split(self.sizes, dim=1),
+                self._shift_rows.split(self.sizes, dim=1),
+            )
+        return views[0][position], views[1][position]
+
     def _shaped(self, rows: torch.Tensor, key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
         channel_dim, ndim = key
         dim = channel_dim % ndim
