@@ -16,16 +16,20 @@ Triton that cannot compile) turns the kernel off for the process with one warnin
 from __future__ import annotations
 
 import logging
+import os
+from typing import Any
 
 import torch
 
 log = logging.getLogger("ssf.engine")
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # a CPU-only torch without triton: the slots keep addcmul
-    triton = None
+triton: Any = None
+if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":  # else: not even imported
+    try:
+        import triton  # type: ignore[no-redef]
+        import triton.language as tl
+    except ImportError:  # a CUDA torch without triton: the slots keep addcmul
+        triton = None
 
 
 EAGER_MIN = 1 << 22  # elements: below this an eager launch's host cost (~20 us) outweighs its saving
@@ -46,8 +50,6 @@ _enabled = triton is not None
 _interpreting = False  # TRITON_INTERPRET=1 (the CPU tests): the kernel runs on CPU tensors
 
 if triton is not None:
-    import os
-
     _interpreting = os.environ.get("TRITON_INTERPRET") == "1"
 
     @triton.jit
