@@ -205,10 +205,14 @@ class AffineSlot:
 
     def __init__(self, op: Callable[..., torch.Tensor], position: int, channel_dim: int, tables: Any) -> None:
         self.op, self.position, self.channel_dim, self.tables = op, position, channel_dim, tables
+        # decided once: on the CPU the hot path pays one attribute read for the Triton branch
+        self.triton = triton_affine.triton is not None and (
+            tables.device.type == "cuda" or triton_affine.interpreting
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         x = self.op(*args, **kwargs)
-        if triton_affine.available(x) and self.channel_dim % x.dim() == x.dim() - 1:
+        if self.triton and triton_affine.available(x) and self.channel_dim % x.dim() == x.dim() - 1:
             # CUDA, channels last: one bandwidth-bound kernel (addcmul's broadcast is not vectorized there)
             scale, shift = self.tables.rows2d(self.position)
             out = x if x._base is None and not x.requires_grad else torch.empty_like(x)

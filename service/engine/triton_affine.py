@@ -41,16 +41,16 @@ def available(x: torch.Tensor) -> bool:
     kernel's Python launch costs more than addcmul's, measured on an H200 at batch 1-32)."""
     if not (_enabled and x.is_contiguous()):
         return False
-    if _interpreting:
+    if interpreting:
         return True
     return x.is_cuda and (x.numel() >= EAGER_MIN or torch.cuda.is_current_stream_capturing())
 
 
 _enabled = triton is not None
-_interpreting = False  # TRITON_INTERPRET=1 (the CPU tests): the kernel runs on CPU tensors
+interpreting = False  # TRITON_INTERPRET=1 (the CPU tests): the kernel runs on CPU tensors
 
 if triton is not None:
-    _interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
 
     @triton.jit
     def _row_affine(

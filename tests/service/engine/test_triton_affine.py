@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 KERNEL = """
 import torch
 from service.engine import triton_affine as ta
-assert ta._interpreting and ta._enabled
+assert ta.interpreting and ta._enabled
 g = torch.Generator().manual_seed(0)
 cases = [
     ((4, 5, 24), 4, 40, 3, torch.float32),    # one row per sample, a site in the middle of the table
