@@ -18,7 +18,12 @@ from starlette.types import Scope
 
 from service.api import errors
 from service.api.deps import Authorize, Client
-from service.api.middleware import BodyLimitMiddleware, HttpMetrics, MetricsMiddleware
+from service.api.middleware import (
+    BodyLimitMiddleware,
+    CloseWhenDraining,
+    HttpMetrics,
+    MetricsMiddleware,
+)
 from service.api.routes import (
     audit,
     backbone,
@@ -143,6 +148,7 @@ def create_app(settings: Settings, engine: EngineAPI | None = None) -> FastAPI:
     for router in (predict.router, v2.infer_router):
         app.include_router(router, dependencies=[Client] if settings.client_token_list else [])
     # Last added is outermost: metrics see every response, including the body limit's 413s.
+    app.add_middleware(CloseWhenDraining, draining=lambda: app.state.draining)
     app.add_middleware(
         BodyLimitMiddleware, limit_for=body_limit(settings), timeout_s=settings.request_timeout_s
     )

@@ -1,5 +1,6 @@
 """Pure ASGI middleware: body limits and a body deadline enforced while the body streams in (uvicorn has
-neither), and per-route latency metrics plus one structured access-log line per request.
+neither), per-route latency metrics plus one structured access-log line per request, and
+``Connection: close`` on every response while the server drains.
 
 Pure ASGI rather than ``BaseHTTPMiddleware`` so the body is never buffered before it is counted.
 """
@@ -167,3 +168,27 @@ class MetricsMiddleware:
                     }
                 },
             )
+
+
+class CloseWhenDraining:
+    """While the server drains (SIGTERM: readiness 503 for the drain delay, then the listener closes), every
+    response says ``Connection: close``. A client then opens a new connection for its next request, which
+    the closed listener refuses before anything is admitted, instead of reusing a keep-alive connection
+    that uvicorn's shutdown may close just as that request arrives (the client would see the connection
+    drop with no answer and could not tell whether the request ran)."""
+
+    def __init__(self, app: ASGIApp, draining: Callable[[], bool]) -> None:
+        self.app, self.draining = app, draining
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and self.draining():
+                headers = [h for h in message.get("headers", []) if h[0].lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, closing_send)

@@ -249,9 +249,13 @@ def test_not_ready_and_draining() -> None:
             assert_error(r, 503, "not_ready")
             assert r.headers["retry-after"] == "1"
         engine.ready = True
-        assert c.get("/readyz").status_code == 200
+        r = c.get("/readyz")
+        assert r.status_code == 200 and r.headers.get("connection") != "close"
         app.state.draining = True
-        assert_error(c.get("/readyz"), 503, "draining")
+        r = c.get("/readyz")
+        assert_error(r, 503, "draining")
+        assert r.headers["connection"] == "close"  # no keep-alive reuse racing the listener's close
+        assert c.get("/tasks").headers["connection"] == "close"
     assert engine.stopped
 
 
