@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,3 +151,18 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+
+
+@contextmanager
+def store_of(kind: str, tmp: Path, local: str | None = None) -> Iterator[str | None]:
+    """The store a test server uses: ``local`` for ``kind == "local"`` (None: ``start``'s own directory),
+    else the URL of a fresh ``redis-server`` in ``tmp``, killed when the block ends."""
+    if kind == "local":
+        yield local
+        return
+    redis = RedisServer(tmp)
+    redis.start()
+    try:
+        yield redis.url
+    finally:
+        redis.kill()

@@ -25,7 +25,7 @@ from tests.helpers.api import TOKEN
 from tests.helpers.deltas import task_delta
 from tests.helpers.images import encode
 from tests.helpers.models import backbone_file
-from tests.helpers.servers import RedisServer, Server, stop
+from tests.helpers.servers import Server, stop, store_of
 from tests.helpers.tenants import (
     GLOBAL_CLIENT,
     bearer,
@@ -190,21 +190,15 @@ KNOWN = {
 def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp(f"matrix-{request.param}")
     weights = backbone_file("vit", tmp)
-    redis: RedisServer | None = None
-    store = str(tmp / "store")
-    if request.param == "redis":
-        redis = RedisServer(tmp)
-        redis.start()
-        store = redis.url
-    server = start_tenant_server(tmp, weights, store, client_tokens=GLOBAL_CLIENT)
-    try:
-        w = World(server, store)
-        w.setup()
-        yield w
-    finally:
-        stop(server)
-        if redis is not None:
-            redis.kill()
+    with store_of(request.param, tmp, str(tmp / "store")) as store:
+        assert store is not None
+        server = start_tenant_server(tmp, weights, store, client_tokens=GLOBAL_CLIENT)
+        try:
+            w = World(server, store)
+            w.setup()
+            yield w
+        finally:
+            stop(server)
 
 
 def app_routes() -> set[tuple[str, str]]:

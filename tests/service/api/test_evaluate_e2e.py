@@ -18,7 +18,7 @@ from tests.helpers.deltas import task_delta
 from tests.helpers.evaluation import expected_scores, image_folder_zip, offline_logits, softmax
 from tests.helpers.images import encode
 from tests.helpers.models import backbone_file
-from tests.helpers.servers import RedisServer, Server, start, stop, upload
+from tests.helpers.servers import Server, start, stop, store_of, upload
 from tests.reliability.corpus import ARCHIVE_UNPACKED_LIMIT, hostile_archives
 
 pytestmark = [pytest.mark.e2e]
@@ -37,26 +37,19 @@ def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, weights: Path
 ) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp(f"eval-{request.param}")
-    redis: RedisServer | None = None
-    store = None
-    if request.param == "redis":
-        redis = RedisServer(tmp)
-        redis.start()
-        store = redis.url
-    s = start(
-        tmp,
-        weights,
-        store,
-        eval_sync_max_images=12,
-        max_batch_size=8,
-        eval_max_unpacked_bytes=ARCHIVE_UNPACKED_LIMIT,
-    )
-    try:
-        yield s
-    finally:
-        stop(s)
-        if redis is not None:
-            redis.kill()
+    with store_of(request.param, tmp) as store:
+        s = start(
+            tmp,
+            weights,
+            store,
+            eval_sync_max_images=12,
+            max_batch_size=8,
+            eval_max_unpacked_bytes=ARCHIVE_UNPACKED_LIMIT,
+        )
+        try:
+            yield s
+        finally:
+            stop(s)
 
 
 def images(n: int, seed: int) -> list[bytes]:

@@ -19,7 +19,7 @@ from tests.helpers.deltas import task_delta
 from tests.helpers.images import encode
 from tests.helpers.load import Load
 from tests.helpers.models import backbone_file
-from tests.helpers.servers import RedisServer, Server, start, stop, upload
+from tests.helpers.servers import Server, start, stop, store_of, upload
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -50,22 +50,15 @@ def pair(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, weights: Path
 ) -> Iterator[Pair]:
     tmp = tmp_path_factory.mktemp(f"lifecycle-{request.param}")
-    redis: RedisServer | None = None
-    store = str(tmp / "store")
-    if request.param == "redis":
-        redis = RedisServer(tmp)
-        redis.start()
-        store = redis.url
     settings = {"keep_versions": KEEP, "reconcile_interval_s": INTERVAL_S, "shadow_fraction": 0}
-    a = start(tmp, weights, store, **settings)
-    b = start(tmp, weights, store, **settings)
-    try:
-        yield Pair(a, b, request.param)
-    finally:
-        stop(a)
-        stop(b)
-        if redis is not None:
-            redis.kill()
+    with store_of(request.param, tmp, str(tmp / "store")) as store:
+        a = start(tmp, weights, store, **settings)
+        b = start(tmp, weights, store, **settings)
+        try:
+            yield Pair(a, b, request.param)
+        finally:
+            stop(a)
+            stop(b)
 
 
 def stage(url: str, data: bytes) -> httpx.Response:

@@ -17,7 +17,7 @@ from tests.helpers.deltas import task_delta
 from tests.helpers.evaluation import expected_scores, offline_logits, softmax
 from tests.helpers.images import encode
 from tests.helpers.models import backbone_file
-from tests.helpers.servers import RedisServer, Server, metric, start, stop, upload
+from tests.helpers.servers import Server, metric, start, stop, store_of, upload
 
 pytestmark = [pytest.mark.e2e]
 
@@ -32,19 +32,12 @@ def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, weights: Path
 ) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp(f"shadow-{request.param}")
-    redis: RedisServer | None = None
-    store = None
-    if request.param == "redis":
-        redis = RedisServer(tmp)
-        redis.start()
-        store = redis.url
-    s = start(tmp, weights, store, shadow_fraction=1.0, max_queue_delay_ms=20)
-    try:
-        yield s
-    finally:
-        stop(s)
-        if redis is not None:
-            redis.kill()
+    with store_of(request.param, tmp) as store:
+        s = start(tmp, weights, store, shadow_fraction=1.0, max_queue_delay_ms=20)
+        try:
+            yield s
+        finally:
+            stop(s)
 
 
 def stage(url: str, data: bytes) -> httpx.Response:
