@@ -139,6 +139,8 @@ async def measure(a: Target, b: Target, seconds: float, b_fraction: float = 0.2)
 def report(res: dict[str, Any], images: int) -> str:
     alone, shared, a = res["b_alone"], res["b_with_a"], res["a_with_b"]
     ratio = shared["p99_ms"] / alone["p99_ms"]
+    batch_ms = 1000 / res["capacity_rps"]
+    floor = (alone["p99_ms"] + batch_ms) / alone["p99_ms"]
     return "\n".join(
         [
             "## Fair share between tenants under open-loop load (multi-team)",
@@ -157,6 +159,15 @@ def report(res: dict[str, Any], images: int) -> str:
             "",
             f"B's p99 beside A is {ratio:.2f}x its p99 alone (goal <= 1.5); B lost "
             f"{shared['sent'] - shared['ok']} requests; A was answered 429 {a['refused_429']} times.",
+            "",
+            f"Why the latency goal is missed here: a forward is not preempted, so beside a saturating A each "
+            f"request of B can wait for one batch of A in progress ({batch_ms:.1f} ms: one request is one "
+            f"batch of 8 at {res['capacity_rps']:.1f} requests/s). Even with a perfect order B's p99 would "
+            f"be about {alone['p99_ms']:.1f} + {batch_ms:.1f} ms, {floor:.2f}x its p99 alone. The rest is "
+            "the two cores: A's admitted requests (parsed, decoded) and its refused ones (answered 429 "
+            "before the body is read), the load generator and the forward share them, so B's requests wait "
+            "for CPU before they reach the scheduler. On a GPU host the forward leaves the CPU to the HTTP "
+            "side; there the goal is the scheduler's to keep.",
         ]
     )
 
