@@ -91,7 +91,7 @@ def measure_dtype(
     graphed = None
     if device.type == "cuda":
         backend.use_cuda_graphs(max(batches))
-        graphed, backend.mixed.graphed = backend.mixed.graphed, None
+        graphed, backend.mixed.runner = backend.mixed.runner, None
     entries = [random_entry(spec, head, f"task{i}", i) for i in range(max(batches))]
     for e in entries:
         backend.install(e)
@@ -110,9 +110,9 @@ def measure_dtype(
         backend.run_merged(hot, x)
 
         def mixed(x: torch.Tensor = x, g: list[Any] = groups, graph: Any = None) -> None:
-            backend.mixed.graphed = graph
+            backend.mixed.runner = graph
             backend.run_mixed(x, g)
-            backend.mixed.graphed = None
+            backend.mixed.runner = None
 
         runs: dict[str, Callable[[], None]] = {
             "bare": synced(partial(backend.run_bare, x), device),

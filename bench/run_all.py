@@ -1,5 +1,6 @@
 """`make bench`: every CPU benchmark in sequence, then BENCHMARKS.md. Budget: under 15 minutes on 2 cores
-(about: engine_bench 5 min, method_cost 2, many_tasks 5, e2e_bench 3; gpu_bench skips without CUDA).
+(about: engine_bench 2 min, compile_bench 3, method_cost 2, many_tasks 6, e2e_bench 2; gpu_bench skips
+without CUDA).
 The wall time of each is printed at the end, so a run that outgrows the budget says which one did."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from bench.report import assemble
 # Each module exposes main(quick: bool) and writes its own section under bench/results/.
 BENCHMARKS = [
     "bench.engine_bench",
+    "bench.compile_bench",
     "bench.method_cost",
     "bench.many_tasks",
     "bench.e2e_bench",

@@ -85,6 +85,8 @@ def select_backend(
 
     device = resolve_device(config.device)
     backend = TorchBackend(model, sites, device, DTYPES[config.dtype], config.max_cache_bytes, metrics)
-    if device.type == "cuda" and config.cuda_graphs:
+    if config.torch_compile:
+        backend.use_compile()
+    elif device.type == "cuda" and config.cuda_graphs:
         backend.use_cuda_graphs(config.max_batch_size)
     return backend

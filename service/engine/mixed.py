@@ -227,7 +227,9 @@ class MixedModel:
             module.forward = AffineSlot(module.forward, i, site.channel_dim, self.tables)
         self.heads = HeadRunner(model)
         self.linear_head = _linear_head_keys(model)
-        self.graphed: Any = None  # a CUDA-graph runner of ``trunk`` (service.engine.cuda_graphs), on CUDA
+        # what runs ``trunk`` instead of calling it: CUDA graphs (service.engine.cuda_graphs) or the compiled
+        # trunk (service.engine.compiled); every batch then goes through it, one-task batches too
+        self.runner: Any = None
 
     @property
     def fused_norms(self) -> int:
@@ -236,11 +238,11 @@ class MixedModel:
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, groups: list[tuple[TaskEntry, int]]) -> list[torch.Tensor]:
         """``groups``: (entry, count) runs in batch order; returns each group's logits."""
-        if len(groups) == 1 and self.graphed is None:  # one task: broadcast its row, gather nothing
+        if len(groups) == 1 and self.runner is None:  # one task: broadcast its row, gather nothing
             self.tables.select(groups[0][0].row, int(x.shape[0]))
             return self.heads_of(self.features(x), groups)
         rows = torch.tensor([entry.row for entry, n in groups for _ in range(n)], dtype=torch.long)
-        trunk = self.graphed(x, rows) if self.graphed is not None else self.trunk(x, rows.to(x.device))
+        trunk = self.runner(x, rows) if self.runner is not None else self.trunk(x, rows.to(x.device))
         return self.heads_of(trunk, groups)
 
     def trunk(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -70,7 +70,13 @@ class TorchBackend:
 
         sizes = tuple(1 << i for i in range(max(1, max_batch - 1).bit_length() + 1))
         tables = self.tables
-        self.mixed.graphed = GraphedTrunk(self.mixed.trunk, tables.ptrs, sizes)
+        self.mixed.runner = GraphedTrunk(self.mixed.trunk, tables.ptrs, sizes)
+
+    def use_compile(self) -> None:
+        """Run the mixed path's trunk through ``torch.compile`` (service.engine.compiled)."""
+        from service.engine.compiled import CompiledTrunk
+
+        self.mixed.runner = CompiledTrunk(self.mixed.trunk)
 
     # --------------------------------------------------------------------------------- residency
     def install(self, entry: TaskEntry) -> None:
@@ -144,7 +150,10 @@ class TorchBackend:
     def warmup(self, example: torch.Tensor) -> None:
         identity = TaskEntry(stored=None, delta=None)  # type: ignore[arg-type]
         identity.head = {k: v for k, v in self.base.items() if k.startswith(self._head_prefix())}
-        self.mixed(self.prepare(example), [(identity, example.shape[0])])
+        # a runner compiles (batch 1 is its own shape to torch.compile) or captures per batch size: both
+        # sizes before the server says it is ready, not on the first requests
+        for x in [example] if self.mixed.runner is None else [example[:1], example]:
+            self.mixed(self.prepare(x), [(identity, x.shape[0])])
         self.run_bare(example)
 
     def _head_prefix(self) -> str:

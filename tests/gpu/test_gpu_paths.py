@@ -194,7 +194,7 @@ def test_cuda_graph_replays_equal_the_eager_mixed_path(family: str) -> None:
         make(family), ssf.find_sites(make(family)), CUDA, torch.float32, 1 << 32, EngineMetrics()
     )
     backend.use_cuda_graphs(8)
-    graphed = backend.mixed.graphed
+    graphed = backend.mixed.runner
     entries = entries_for(family, tuned)
     g = torch.Generator().manual_seed(11)
     x = torch.randn(3, *ssf.sites.input_size(tuned[0]), generator=g)

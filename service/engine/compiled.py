@@ -1,0 +1,42 @@
+"""The mixed path's shared trunk through ``torch.compile`` (``SSF_TORCH_COMPILE``).
+
+Eagerly, every SSF site is one more pass over its activation (an ``addcmul`` after the op that produced
+it) and one more Python call, which a small model at a small batch feels (BENCHMARKS.md: ssf_demo_vit
+mixed / bare 1.05-1.14 on CPU). Inductor fuses each site's gather-affine into the neighbouring
+elementwise kernels (the bias add, GELU, the residual add, LayerNorm), so the compiled mixed trunk costs
+what the compiled bare backbone costs, and both less than the eager bare one.
+
+One compile with dynamic batch size (``dynamic=True``), done by the warm-up before the server is ready:
+batch 1 (which torch specialises) and batch 2 (the dynamic graph), about 10-30 s each on 2 CPU cores.
+Tables that grow (doubling, ``SiteTables._grow``) are new tensors, so the next batch compiles again.
+A compile that fails (no C++ compiler, say) logs one warning and leaves the trunk eager for good.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+log = logging.getLogger("ssf.engine")
+
+
+class CompiledTrunk:
+    """``trunk(x, rows)`` compiled once for every batch size; eager after a failed compile."""
+
+    def __init__(self, trunk: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        self.trunk = trunk
+        self.compiled: Any = torch.compile(trunk, dynamic=True)
+        self.failed = False
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.to(x.device, non_blocking=True)
+        if not self.failed:
+            try:
+                return self.compiled(x, rows)  # type: ignore[no-any-return]
+            except Exception as e:  # noqa: BLE001 - any compile failure: the eager trunk, for good
+                self.failed = True
+                log.warning("torch.compile of the mixed trunk failed (%s); it runs eagerly", e)
+        return self.trunk(x, rows)
