@@ -12,7 +12,7 @@ from service.engine.compiled import CompiledTrunk
 from service.engine.metrics import EngineMetrics
 from service.engine.torch_backend import TorchBackend
 from tests.helpers.models import make
-from tests.service.engine.test_mixed_fused import entry, tuned
+from tests.helpers.tuned import entry, tuned
 
 
 @pytest.mark.parametrize("family", ["vit", "efficientnet"])

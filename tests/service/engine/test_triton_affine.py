@@ -51,7 +51,7 @@ from service.engine import triton_affine as ta
 from service.engine.metrics import EngineMetrics
 from service.engine.torch_backend import TorchBackend
 from tests.helpers.models import make
-from tests.service.engine.test_mixed_fused import entry, tuned
+from tests.helpers.tuned import entry, tuned
 
 calls, fallbacks = [], []
 kernel, addcmul = ta.row_affine, torch.addcmul
