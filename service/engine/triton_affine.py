@@ -23,15 +23,16 @@ import torch
 
 log = logging.getLogger("ssf.engine")
 
+interpreting = os.environ.get("TRITON_INTERPRET") == "1"  # the CPU tests: the kernel runs on CPU tensors
 triton: Any = None
-if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":  # else: not even imported
+if torch.cuda.is_available() or interpreting:  # else triton is not even imported
     try:
         import triton  # type: ignore[no-redef]
         import triton.language as tl
     except ImportError:  # a CUDA torch without triton: the slots keep addcmul
         triton = None
-
-
+interpreting = interpreting and triton is not None
+_enabled = triton is not None  # turned off for good by a launch that fails
 EAGER_MIN = 1 << 22  # elements: below this an eager launch's host cost (~20 us) outweighs its saving
 
 
@@ -46,11 +47,7 @@ def available(x: torch.Tensor) -> bool:
     return x.is_cuda and (x.numel() >= EAGER_MIN or torch.cuda.is_current_stream_capturing())
 
 
-_enabled = triton is not None
-interpreting = False  # TRITON_INTERPRET=1 (the CPU tests): the kernel runs on CPU tensors
-
 if triton is not None:
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
 
     @triton.jit
     def _row_affine(
