@@ -313,14 +313,22 @@ class Scheduler:
         self.metrics.queue_depth.set(self.images_waiting)
         for p in items:
             self._release(p.lane.tenant, p.n)
-            tag = self._tags.get(id(p))
-            if tag is not None:  # commit the fair-queuing tags of what runs now
-                tenant, start, finish = tag
-                self._finish[tenant] = max(self._finish.get(tenant, 0.0), finish)
-                self._vtime = max(self._vtime, start)
+            # commit the fair-queuing tags of what runs now; a request the one-tenant fast path took (no
+            # tag) gets its tag here, so a tenant served alone still moves the virtual clock and another
+            # tenant coming back does not tie with it on a stale finish tag
+            tag = self._tags.get(id(p)) or self._tag(p.lane, p.n)
+            tenant, start, finish = tag
+            self._finish[tenant] = max(self._finish.get(tenant, 0.0), finish)
+            self._vtime = max(self._vtime, start)
         self._tags.clear()
         for tenant in [t for t in self._finish if t not in self.held and self._finish[t] <= self._vtime]:
             del self._finish[tenant]  # idle and owed nothing: bounded by the tenants queued
+
+    def _tag(self, lane: Lane, images: int) -> tuple[str, float, float]:
+        """(tenant, start, finish) of a request of ``lane`` taken next: it starts at ``max(V, its
+        tenant's last finish)`` and finishes ``images / weight`` later."""
+        start = max(self._vtime, self._finish.get(lane.tenant, 0.0))
+        return lane.tenant, start, start + images / max(lane.weight, 1e-9)
 
     def fair_order(self) -> list[Pending]:
         """The queue in weighted fair queuing order (interactive before batch within a tenant); the queue
