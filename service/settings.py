@@ -98,6 +98,13 @@ class EngineConfig(BaseModel):
     metrics_top_tasks: int = Field(
         default=20, ge=0, description="tasks with their own per-task metric series; the rest are 'other'"
     )
+    torch_threads: int = Field(
+        default=0,
+        ge=0,
+        description="CPU threads one forward may use (torch's intra-op threads, and ONNX Runtime's); 0 = "
+        "torch's default, one per core. On a CPU host, one fewer than the cores leaves a core to decoding "
+        "and HTTP, which keeps a light tenant's latency beside a saturating one (bench/fairness.py)",
+    )
     cuda_graphs: bool = Field(
         default=True,
         description="on CUDA, replay the mixed path's trunk as CUDA graphs (one per padded power-of-two "

@@ -48,7 +48,7 @@ from service.engine.protocol import (
 )
 from service.engine.replicas import ReplicaFollower
 from service.engine.residency import Residency, TaskEntry
-from service.engine.scheduler import Pending, Scheduler
+from service.engine.scheduler import Pending, Scheduler, current_lane
 from service.engine.shadow import Shadow
 from service.engine.workers import Workers
 from service.settings import EngineConfig
@@ -92,6 +92,9 @@ class Engine:
 
     # ------------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
+        if self.config.torch_threads:  # new threads (the CPU pool's) start with it; the model thread now
+            torch.set_num_threads(self.config.torch_threads)
+            await self.workers.on_model(torch.set_num_threads, self.config.torch_threads)
         await self.workers.on_model(self._load_backbone)
         self._follower = ReplicaFollower(self.store, self.residency, self.config.reconcile_interval_s)
         await self._follower.start()  # every stored task resident (a registry that is down: retried)
@@ -309,7 +312,8 @@ class Engine:
                 if isinstance(source, torch.Tensor):
                     x = source
                 else:
-                    x = await self.workers.on_cpu(self.preprocess.decode_all, source)
+                    tenant = current_lane().tenant
+                    x = await self.workers.decode(tenant, self.preprocess.decode_all, source)
                 queued = True  # from here the scheduler holds the admission, even if submit refuses
                 logits = await scheduler.submit(entry, x, deadline, admitted=True)
             self.metrics.task_images.labels(name).inc(n)

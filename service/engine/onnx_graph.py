@@ -59,6 +59,7 @@ def new_session(data: bytes, device: str = "cpu") -> ort.InferenceSession:
     TF32 off so float32 stays float32."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = torch.get_num_threads()  # SSF_TORCH_THREADS, when set, holds for both
     # no busy-waiting between runs: the idle pool would steal the cores the PyTorch path is using
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if device == "cuda":

@@ -51,3 +51,16 @@ def test_zipf_traffic_with_replaces_answers_every_request_from_its_own_version(w
         assert sample("ssf_engine_tasks_per_batch_sum") > sample("ssf_engine_tasks_per_batch_count")
 
     run(vit_engine(weights_dir, max_batch_size=8, merged_min_batch=4, max_queue_delay_ms=20), scenario)
+
+
+def test_torch_threads_bounds_the_forward_and_the_decoding_threads(weights_dir: Path) -> None:
+    """SSF_TORCH_THREADS: the model thread and the CPU pool's threads run their ops on that many threads
+    (the conftest sets 2 again for the next test)."""
+    engine = vit_engine(weights_dir, torch_threads=1)
+
+    async def scenario(engine: Engine) -> None:
+        model = await engine.workers.on_model(torch.get_num_threads)
+        cpu = await engine.workers.on_cpu(torch.get_num_threads)
+        assert (model, cpu) == (1, 1)
+
+    run(engine, scenario)
