@@ -121,6 +121,8 @@ async def open_loop(
         "p99": percentile(tail, 99),
         "loop_cpu_s": time.thread_time() - cpu0,
         "wall_s": time.perf_counter() - wall0,
+        "arrivals_s": at[:sent],  # each request's scheduled arrival, and its latency (None: no answer)
+        "latencies_s": lat[:sent],
     }
 
 
@@ -213,21 +215,32 @@ class Pool:
             self.idle.append((reader, writer))
         return status
 
+    async def warm(self, n: int) -> None:
+        """Open ``n`` keep-alive connections before a run (as wrk does), so the run measures requests,
+        not a burst of connection setups at its start."""
+        while len(self.idle) < n:
+            self.idle.append(await asyncio.open_connection(self.host, self.port))
+            self.opened += 1
+
     def close(self) -> None:
         for _, writer in self.idle:
             writer.close()
         self.idle.clear()
 
 
-def build_request(host: str, path: str, body: bytes, content_type: str) -> bytes:
+def build_request(
+    host: str, path: str, body: bytes, content_type: str, headers: dict[str, str] | None = None
+) -> bytes:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     return (
-        f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: {content_type}\r\n"
+        f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: {content_type}\r\n{extra}"
         f"content-length: {len(body)}\r\n\r\n"
     ).encode() + body
 
 
 async def serve_commands() -> None:
-    """stdin: {"setup": {url, bodies: [hex, ...], requests: [[path, content_type, body index], ...]}}, then
+    """stdin: {"setup": {url, bodies: [hex, ...], requests: [[path, content_type, body index], ...],
+    headers: {name: value} (optional, sent with every request), connections: n (optional, opened now)}}, then
     {"run": {rate, duration, seed, slo_s}}; each answered with one JSON line (the run's numbers plus the
     process's CPU seconds during it)."""
     reader = asyncio.StreamReader(limit=1 << 26)
@@ -242,19 +255,27 @@ async def serve_commands() -> None:
             host, _, port = s["url"].removeprefix("http://").partition(":")
             pool = Pool(host, int(port))
             bodies = [bytes.fromhex(b) for b in s["bodies"]]
-            raws = [build_request(host, p, bodies[b], ct) for p, ct, b in s["requests"]]
+            raws = [build_request(host, p, bodies[b], ct, s.get("headers")) for p, ct, b in s["requests"]]
+            await pool.warm(s.get("connections", 0))
             out: dict[str, Any] = {"ok": True}
         elif "run" in cmd and pool is not None:
             c, p = cmd["run"], pool
 
-            async def send(i: int, p: Pool = p, raws: list[bytes] = raws) -> None:
+            statuses: dict[str, int] = {}
+
+            async def send(
+                i: int, p: Pool = p, raws: list[bytes] = raws, statuses: dict[str, int] = statuses
+            ) -> None:
                 status = await p.request(raws[i % len(raws)])
+                statuses[str(status)] = statuses.get(str(status), 0) + 1
                 if status != 200:
                     raise RuntimeError(f"HTTP {status}")
 
             ru0 = resource.getrusage(resource.RUSAGE_SELF)
-            out = await open_loop(send, c["rate"], c["duration"], c["seed"], c["slo_s"])
+            early = c.get("early_stop", True)
+            out = await open_loop(send, c["rate"], c["duration"], c["seed"], c["slo_s"], early_stop=early)
             ru1 = resource.getrusage(resource.RUSAGE_SELF)
+            out["statuses"] = statuses
             out["client_cpu_s"] = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
             out["connections"] = pool.opened
             out = {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in out.items()}
@@ -289,16 +310,42 @@ class RemoteLoad:
         out: dict[str, Any] = json.loads(line)
         return {k: (math.inf if v is None and k.startswith("p") else v) for k, v in out.items()}
 
-    def setup(self, url: str, requests: list[tuple[str, str, bytes]]) -> None:
-        """The requests to cycle through: (path, content type, body); each distinct body is sent once."""
+    def setup(
+        self,
+        url: str,
+        requests: list[tuple[str, str, bytes]],
+        headers: dict[str, str] | None = None,
+        connections: int = 0,
+    ) -> None:
+        """The requests to cycle through: (path, content type, body); each distinct body is sent once.
+        ``headers`` go with every request (an Authorization header, say); ``connections`` are opened now."""
         index: dict[bytes, int] = {}
         rows = [[p, ct, index.setdefault(b, len(index))] for p, ct, b in requests]
-        out = self._call({"setup": {"url": url, "bodies": [b.hex() for b in index], "requests": rows}})
+        setup = {
+            "url": url,
+            "bodies": [b.hex() for b in index],
+            "requests": rows,
+            "headers": headers or {},
+            "connections": connections,
+        }
+        out = self._call({"setup": setup})
         if not out.get("ok"):
             raise RuntimeError(f"the load generator refused the setup: {out}")
 
-    async def run(self, rate: float, duration: float, seed: int, slo_s: float) -> dict[str, Any]:
-        cmd = {"run": {"rate": rate, "duration": duration, "seed": seed, "slo_s": slo_s}}
+    async def run(
+        self, rate: float, duration: float, seed: int, slo_s: float, early_stop: bool = True
+    ) -> dict[str, Any]:
+        """One open-loop run in the generator process; ``early_stop=False`` sends the whole schedule
+        whatever the answers (the run's ``statuses`` count every HTTP status seen)."""
+        cmd = {
+            "run": {
+                "rate": rate,
+                "duration": duration,
+                "seed": seed,
+                "slo_s": slo_s,
+                "early_stop": early_stop,
+            }
+        }
         return await asyncio.to_thread(self._call, cmd)
 
     def close(self) -> None:
