@@ -168,11 +168,11 @@ def report(res: dict[str, Any], images: int) -> str:
             f"perfect order gives B's p99 about {alone['p99_ms']:.1f} + {batch_ms:.1f} ms "
             f"({floor:.2f}x). The rest is the two cores: A's admitted requests are parsed and decoded on "
             "the same two cores as B's, so B's decoding took about 22 ms beside A against 9 ms alone, and "
-            "the batch in progress runs slower. The worst requests come in A's first second: its "
-            "generator opens a connection per request in flight (about 20), and the server's event loop "
-            "parses that burst before it reaches B's requests, which then arrive at the scheduler "
-            "together and share the model with A's half. On a GPU host the forward leaves the CPU to "
-            "the HTTP side.",
+            "the batch in progress runs slower. The worst requests come in A's first second (the p99 "
+            "without it is the steady one): the probes saw the server's event loop parse A's first "
+            "requests before B's, six of B's requests then reached admission within 80 ms, and a backlog "
+            "of B's shares the model with A's half until it drains. On a GPU host the forward leaves the "
+            "CPU to the HTTP side.",
         ]
     )
 
