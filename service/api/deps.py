@@ -184,8 +184,9 @@ Authorize = Depends(authorize)
 bearer = HTTPBearer(auto_error=False, description="a bearer token: SSF_ADMIN_TOKEN or a stored token")
 
 
-def declare_bearer(_: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-    """Only the OpenAPI declaration: ``authorize`` has checked the request already."""
+async def declare_bearer(_: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    """Only the OpenAPI declaration: ``authorize`` has checked the request already. ``async``: FastAPI runs
+    a plain ``def`` dependency in its thread pool, a thread hop on every request for nothing."""
 
 
 Admin = Depends(declare_bearer)
