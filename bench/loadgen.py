@@ -63,6 +63,7 @@ async def open_loop(
     n = len(at)
     budget = allowed_late(n)
     lat: list[float | None] = [None] * n
+    lag = [0.0] * n
     flagged = [False] * n
     late = errors = 0
     head = 0
@@ -72,6 +73,7 @@ async def open_loop(
 
     async def one(i: int) -> None:
         nonlocal errors, late
+        lag[i] = loop.time() - (t0 + at[i])  # the generator's own delay before it sends
         try:
             await send(i)
             lat[i] = v = loop.time() - (t0 + at[i])
@@ -119,6 +121,8 @@ async def open_loop(
         "p50": percentile(tail, 50),
         "p95": percentile(tail, 95),
         "p99": percentile(tail, 99),
+        "send_lag_p99": percentile(lag[:sent], 99) if sent else 0.0,
+        "send_lag_max": max(lag[:sent], default=0.0),
         "loop_cpu_s": time.thread_time() - cpu0,
         "wall_s": time.perf_counter() - wall0,
         "arrivals_s": at[:sent],  # each request's scheduled arrival, and its latency (None: no answer)
