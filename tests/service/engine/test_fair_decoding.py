@@ -70,22 +70,25 @@ def test_a_cancelled_waiter_never_runs_and_the_slot_is_passed_on() -> None:
             if name == "first":
                 await release.wait()
 
-        first = asyncio.create_task(slots.run("a", lambda: job("first")))
-        await asyncio.sleep(0)
-        doomed = asyncio.create_task(slots.run("b", lambda: job("doomed")))
-        last = asyncio.create_task(slots.run("c", lambda: job("last")))
-        await asyncio.sleep(0)
+        async def queue_two(second: str, third: str) -> tuple[asyncio.Task[None], ...]:
+            """ "first" holds the only slot; ``second`` (tenant b) and ``third`` (tenant c) wait for it."""
+            release.clear()
+            tasks = [asyncio.create_task(slots.run("a", lambda: job("first")))]
+            await asyncio.sleep(0)
+            tasks += [
+                asyncio.create_task(slots.run(t, lambda n=n: job(n)))
+                for t, n in (("b", second), ("c", third))
+            ]
+            await asyncio.sleep(0)
+            return tuple(tasks)
+
+        first, doomed, last = await queue_two("doomed", "last")
         doomed.cancel()
         release.set()
         await asyncio.gather(first, last)
         assert doomed.cancelled() and ran == ["first", "last"]
         # cancelled just as the slot was handed over: it passes the slot on instead of keeping it
-        release.clear()
-        first = asyncio.create_task(slots.run("a", lambda: job("first")))
-        await asyncio.sleep(0)
-        handed = asyncio.create_task(slots.run("b", lambda: job("handed")))
-        after = asyncio.create_task(slots.run("c", lambda: job("after")))
-        await asyncio.sleep(0)
+        first, handed, after = await queue_two("handed", "after")
         release.set()
         await asyncio.sleep(0)  # first finishes: the slot goes to "handed", whose task has not resumed yet
         handed.cancel()
