@@ -233,10 +233,11 @@ def setup(url: str, admin: str, images: list[bytes]) -> tuple[Target, Target]:
 SERVER_SETTINGS = {
     "token_secret": "bench-secret",
     "max_batch_size": 8,
-    # each tenant's share of the queue is half of it, 8 requests of 8 images: room for B's requests even
-    # when a slow, shared CI host serves them at several times their latency alone (64 left 4: B lost 7
-    # of 67 requests at 800 ms p50 on one CI run)
-    "max_queue_size": 128,
+    # each tenant's share of the queue is half of it, 16 requests of 8 images: room for B's requests even
+    # when a slow, shared host serves them at several times their latency alone (64 left 4: B lost 7 of
+    # 67 requests at 800 ms p50 on one CI run; 128 left 8: B lost 1-3 of ~170 in 2 of 15 runs on a host
+    # whose capacity had dropped to 30 requests/s)
+    "max_queue_size": 256,
     "max_queue_delay_ms": 1,
     "path_policy": "mixed",
     # one of the two cores for the forward, the other for HTTP and decoding (docs/cli.md: SSF_TORCH_THREADS)
