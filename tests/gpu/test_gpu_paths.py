@@ -24,8 +24,9 @@ import pytest
 import torch
 
 import ssf
-from ssf.layers import CONTAINER, head_tensors, site_tensors
 from tests.helpers.models import MODELS, backbone_file, make
+from tests.helpers.tuned import entry
+from tests.helpers.tuned import tuned as tuned_model
 
 pytestmark = [
     pytest.mark.gpu,
@@ -44,35 +45,8 @@ def record(**row: Any) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def tuned_model(family: str, seed: int) -> torch.nn.Module:
-    model = make(family)
-    ssf.inject_ssf(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for affine in getattr(model, CONTAINER).values():
-            affine.scale.copy_(1 + 0.3 * torch.randn(affine.scale.shape, generator=g))
-            affine.shift.copy_(0.3 * torch.randn(affine.shift.shape, generator=g))
-    return model.eval()
-
-
 def entries_for(family: str, tuned: list[torch.nn.Module]) -> list[Any]:
-    from service.engine.residency import TaskEntry
-    from service.store.base import StoredTask
-
-    out = []
-    for i, model in enumerate(tuned):
-        delta = ssf.Delta(
-            f"t{i}",
-            family,
-            "",
-            "foldable",
-            "ssf",
-            [str(k) for k in range(7)],
-            site_tensors(model),
-            head_tensors(model),
-        )
-        out.append(TaskEntry(stored=StoredTask(f"t{i}", 1, "", 0, ""), delta=delta))
-    return out
+    return [entry(family, model, f"t{i}") for i, model in enumerate(tuned)]
 
 
 def reference(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
