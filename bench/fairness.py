@@ -12,7 +12,6 @@ alone and beside A, B's losses, A's 429s. The test (tests/service/api/test_fairn
 from __future__ import annotations
 
 import asyncio
-import math
 import statistics
 import sys
 import tempfile
@@ -65,14 +64,6 @@ async def capacity(t: Target, seconds: float = 3.0, workers: int = 8) -> float:
     return done / seconds
 
 
-def p(values: list[float], q: float) -> float:
-    """The nearest-rank percentile."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
-
-
 def summary(run: dict[str, Any], onset_s: float = ONSET_S) -> dict[str, Any]:
     """One tenant's run from its generator: counts by status, and p50/p99 of the answered (200) requests,
     over the whole window and without the first ``onset_s`` seconds."""
@@ -88,8 +79,8 @@ def summary(run: dict[str, Any], onset_s: float = ONSET_S) -> dict[str, Any]:
         "refused_429": statuses.get(429, 0),
         "other": run["sent"] - statuses.get(200, 0) - statuses.get(429, 0),
         "p50_ms": 1000 * statistics.median(ok) if ok else float("nan"),
-        "p99_ms": 1000 * p(ok, 0.99),
-        "p99_steady_ms": 1000 * p(steady, 0.99),
+        "p99_ms": 1000 * loadgen.percentile(ok, 99),
+        "p99_steady_ms": 1000 * loadgen.percentile(steady, 99),
         "mean_ms": 1000 * statistics.fmean(ok) if ok else float("nan"),
         "client_cpu_s": run["client_cpu_s"],
         "send_lag_max_ms": 1000 * run["send_lag_max"],  # the generator's own delay, inside the latencies

@@ -121,7 +121,6 @@ async def open_loop(
         "p50": percentile(tail, 50),
         "p95": percentile(tail, 95),
         "p99": percentile(tail, 99),
-        "send_lag_p99": percentile(lag[:sent], 99) if sent else 0.0,
         "send_lag_max": max(lag[:sent], default=0.0),
         "loop_cpu_s": time.thread_time() - cpu0,
         "wall_s": time.perf_counter() - wall0,
@@ -245,8 +244,8 @@ def build_request(
 async def serve_commands() -> None:
     """stdin: {"setup": {url, bodies: [hex, ...], requests: [[path, content_type, body index], ...],
     headers: {name: value} (optional, sent with every request), connections: n (optional, opened now)}}, then
-    {"run": {rate, duration, seed, slo_s}}; each answered with one JSON line (the run's numbers plus the
-    process's CPU seconds during it)."""
+    {"run": {rate, duration, seed, slo_s, early_stop (optional, default true)}}; each answered with one JSON
+    line (the run's numbers plus the process's CPU seconds during it)."""
     reader = asyncio.StreamReader(limit=1 << 26)
     loop = asyncio.get_running_loop()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)

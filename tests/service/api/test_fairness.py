@@ -41,7 +41,7 @@ def test_b_loses_nothing_while_a_is_refused(result: dict[str, Any]) -> None:
 @pytest.mark.xfail(
     strict=False,
     reason="on the 2-core CPU host the forward, the HTTP stack and decoding share the cores, so A's "
-    "admitted half of the capacity also slows B's parsing and decoding (measured 1.8-3.9x, 2.4x steady, "
+    "admitted half of the capacity also slows B's parsing and decoding (measured 1.8-3.9x, 2.4-3.2x steady, "
     "BENCHMARKS.md); and a forward is not preempted, so B waits for A's batch in progress; the scheduler's "
     "and the decoder's order are checked in tests/service/engine/test_fair_share.py and "
     "test_fair_decoding.py",
