@@ -16,8 +16,13 @@ full queue answers Overloaded at once. The knobs are ``EngineConfig``'s, under t
 Fair share (docs/multi-team.md): each request runs in a ``Lane`` (its tenant, the tenant's weight, and its
 priority class), which the HTTP layer sets in the ``LANE`` context variable. Batches are filled in weighted
 fair queuing order (start-time fair queuing over images: a tenant's next request starts at
-``max(V, its last finish)`` and finishes ``images / weight`` later; the smallest start runs first),
-interactive before batch within a tenant. While several tenants are active each may hold at most its
+``max(V - credit, its last finish)`` and finishes ``images / weight`` later; the smallest start runs first),
+interactive before batch within a tenant. The credit (``BURST_BATCHES`` full batches of virtual time) is
+the sleeper credit of CPU schedulers such as Linux's CFS: a tenant served in the last ``ACTIVE_S`` seconds
+whose last finish lies behind the clock (it used less than its share) may run a short burst back to back
+instead of alternating with a busy tenant request by request. A backlogged tenant's finish tags run ahead
+of the clock, so it never has credit; a newcomer starts at ``V`` without any; no tenant gets more than
+its share plus the credit over any interval. While several tenants are active each may hold at most its
 weighted share of ``max_queue_size`` (at least one request's worth), so a tenant that offers more than
 its share is answered 429 while the others keep their place. With one tenant (every request without one
 shares the lane ``-``) nothing differs from plain arrival order and one queue bound.
@@ -58,6 +63,7 @@ class Lane:
 DEFAULT_LANE = Lane()
 LANE: ContextVar[Lane | None] = ContextVar("ssf_lane", default=None)
 ACTIVE_S = 2.0  # a tenant counts as active this long after its last request, for the queue shares
+BURST_BATCHES = 4  # the sleeper credit of fair queuing, in full batches of virtual time (module docstring)
 
 
 def current_lane() -> Lane:
@@ -130,6 +136,7 @@ class Scheduler:
         self.seen: dict[str, tuple[float, float]] = {}  # tenant -> (weight, last request at)
         self._vtime = 0.0  # weighted fair queuing: the start tag of the last request taken
         self._finish: dict[str, float] = {}  # tenant -> the finish tag of its last request taken
+        self._taken_at: dict[str, float] = {}  # tenant -> when its last request was taken (time.monotonic)
         self._tags: dict[int, tuple[str, float, float]] = {}  # id(Pending) -> (tenant, start, finish)
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -318,16 +325,25 @@ class Scheduler:
             # tenant coming back does not tie with it on a stale finish tag
             tag = self._tags.get(id(p)) or self._tag(p.lane, p.n)
             tenant, start, finish = tag
-            self._finish[tenant] = max(self._finish.get(tenant, 0.0), finish)
+            self._finish[tenant] = max(self._finish.get(tenant, -math.inf), finish)
             self._vtime = max(self._vtime, start)
         self._tags.clear()
-        for tenant in [t for t in self._finish if t not in self.held and self._finish[t] <= self._vtime]:
-            del self._finish[tenant]  # idle and owed nothing: bounded by the tenants queued
+        now = time.monotonic()
+        for p in items:
+            self._taken_at[p.lane.tenant] = now
+        for tenant in [t for t, at in self._taken_at.items() if t not in self.held and now - at > ACTIVE_S]:
+            del self._finish[tenant], self._taken_at[tenant]  # gone: bounded by the tenants active lately
+
+    def _start(self, tenant: str, vtime: float, finish: dict[str, float]) -> float:
+        """The start tag of ``tenant``'s next request at virtual time ``vtime``: a newcomer starts at the
+        clock; a tenant served lately at its last finish, but no earlier than the clock less the credit."""
+        last = finish.get(tenant)
+        return vtime if last is None else max(vtime - BURST_BATCHES * self.config.max_batch_size, last)
 
     def _tag(self, lane: Lane, images: int) -> tuple[str, float, float]:
-        """(tenant, start, finish) of a request of ``lane`` taken next: it starts at ``max(V, its
-        tenant's last finish)`` and finishes ``images / weight`` later."""
-        start = max(self._vtime, self._finish.get(lane.tenant, 0.0))
+        """(tenant, start, finish) of a request of ``lane`` taken next (``_start``); it finishes
+        ``images / weight`` after its start."""
+        start = self._start(lane.tenant, self._vtime, self._finish)
         return lane.tenant, start, start + images / max(lane.weight, 1e-9)
 
     def fair_order(self) -> list[Pending]:
@@ -349,13 +365,13 @@ class Scheduler:
             for t, items in heads.items():
                 if position[t] < len(items):
                     p = items[position[t]]
-                    start = max(vtime, finish.get(t, 0.0))
+                    start = self._start(t, vtime, finish)
                     key = (start, start + p.n / max(p.lane.weight, 1e-9), p.enqueued, t)
                     best = key if best is None or key < best else best
             assert best is not None
             start, end, _, t = best
             p = heads[t][position[t]]
-            finish[t], vtime = end, start
+            finish[t], vtime = end, max(vtime, start)
             self._tags[id(p)] = (t, start, end)
             position[t] += 1
             order.append(p)
