@@ -6,7 +6,7 @@ Tenant B offers a rate within its share, alone and then beside tenant A, who off
 alone and beside A, B's losses, A's 429s. The test (tests/service/api/test_fairness.py) runs the same
 ``measure`` smaller.
 
-    python -m bench.fairness          # writes bench/results/60-fairness.md (< 3 min)
+    python -m bench.fairness          # writes bench/results/60-fairness.md (about 3 min)
 """
 
 from __future__ import annotations
@@ -146,13 +146,23 @@ async def measure(a: Target, b: Target, seconds: float, b_fraction: float = 0.2)
     }
 
 
-def report(res: dict[str, Any], images: int) -> str:
+def ratios(res: dict[str, Any]) -> tuple[float, float]:
+    """B's p99 beside A over its p99 alone: over the whole window, and without each run's first second."""
+    alone, shared = res["b_alone"], res["b_with_a"]
+    return shared["p99_ms"] / alone["p99_ms"], shared["p99_steady_ms"] / alone["p99_steady_ms"]
+
+
+def report(runs: list[dict[str, Any]], images: int) -> str:
+    ranked = sorted(runs, key=lambda r: ratios(r)[0])
+    res = ranked[len(ranked) // 2]  # the median repeat, shown in full
     alone, shared, a = res["b_alone"], res["b_with_a"], res["a_with_b"]
-    ratio = shared["p99_ms"] / alone["p99_ms"]
-    steady = shared["p99_steady_ms"] / alone["p99_steady_ms"]
+    ratio, steady = ratios(res)
+    all_ratios = [ratios(r)[0] for r in ranked]
     batch_ms = 1000 / res["capacity_rps"]
     floor = (alone["p99_ms"] + batch_ms) / alone["p99_ms"]
-    met = "met" if ratio <= 1.5 else "missed"
+    met = sum(x <= 1.5 for x in all_ratios)
+    lost = sum(r["b_with_a"]["sent"] - r["b_with_a"]["ok"] for r in runs)
+    verdict = "met" if ratio <= 1.5 and lost == 0 else "missed"
     return "\n".join(
         [
             "## Fair share between tenants under open-loop load (multi-team)",
@@ -160,12 +170,25 @@ def report(res: dict[str, Any], images: int) -> str:
             machine_line(),
             "",
             f"Two tenants of equal weight on one `ssf-serve` (test_vit, CPU, `SSF_TORCH_THREADS=1`: one core "
-            f"for the forward, one for HTTP and decoding), {images} images a request, max batch 8. Capacity "
-            f"measured closed-loop: {res['capacity_rps']:.1f} requests/s. B offers {res['rate_b']:.1f}/s "
-            f"(within its half); A offers {res['rate_a']:.1f}/s (3x its half). Each tenant's load comes from "
-            "a generator process of its own (`bench/loadgen.py`: Poisson arrivals sent whatever the answers, "
-            "latency from the scheduled arrival; B's arrival times are the same in both runs). Steady: "
-            f"without the requests sent in a run's first {ONSET_S:g} s.",
+            f"for the forward, one for HTTP and decoding), {images} images a request, max batch 8. B offers "
+            "0.2 of the capacity measured closed-loop (within its half); A offers 1.5 of it (3x its half). "
+            "Each tenant's load comes from a generator process of its own (`bench/loadgen.py`: Poisson "
+            "arrivals sent whatever the answers, latency from the scheduled arrival; B's arrival times are "
+            f"the same alone and beside A). Steady: without the requests sent in a run's first {ONSET_S:g} "
+            "s. "
+            f"{len(runs)} repeats on one server, each measuring its own capacity.",
+            "",
+            "| repeat | capacity req/s | B p99 alone ms | B p99 beside A ms | ratio | steady ratio | B lost "
+            "| A 429 |",
+            "|---|---|---|---|---|---|---|---|",
+            *(
+                f"| {i + 1} | {r['capacity_rps']:.1f} | {r['b_alone']['p99_ms']:.1f} | "
+                f"{r['b_with_a']['p99_ms']:.1f} | {ratios(r)[0]:.2f} | {ratios(r)[1]:.2f} | "
+                f"{r['b_with_a']['sent'] - r['b_with_a']['ok']} | {r['a_with_b']['refused_429']} |"
+                for i, r in enumerate(runs)
+            ),
+            "",
+            "The median repeat in full:",
             "",
             "| run | tenant | sent | 200 | 429 | other | p50 ms | p99 ms | p99 steady ms | client CPU s |",
             "|---|---|---|---|---|---|---|---|---|---|",
@@ -173,9 +196,10 @@ def report(res: dict[str, Any], images: int) -> str:
             _row("A and B", "B", shared),
             _row("A and B", "A", a),
             "",
-            f"B's p99 beside A is {ratio:.2f}x its p99 alone (goal <= 1.5: {met}), {steady:.2f}x in the "
-            f"steady state; B lost {shared['sent'] - shared['ok']} requests; A was answered 429 "
-            f"{a['refused_429']} times.",
+            f"B's p99 beside A is {ratio:.2f}x its p99 alone in the median repeat (goal <= 1.5: {verdict}; "
+            f"{min(all_ratios):.2f}-{max(all_ratios):.2f}x over the repeats, within the goal in {met} of "
+            f"{len(runs)}), {steady:.2f}x in the steady state; B lost {lost} requests in all; A was answered "
+            f"429 {a['refused_429']} times.",
             "",
             f"B's mean time in the engine (admission to answer, the server's `ssf_task_request_seconds`): "
             f"{alone['engine_mean_ms']:.1f} ms alone, {shared['engine_mean_ms']:.1f} ms beside A, against "
@@ -184,15 +208,14 @@ def report(res: dict[str, Any], images: int) -> str:
             f"and after the answer (HTTP, body parsing, the event loop), "
             f"{alone['mean_ms'] - alone['engine_mean_ms']:.1f} ms alone.",
             "",
-            "Why the goal is missed here: every batch is one request and fair order runs B's request next, "
-            "so B waits at most for the batch in progress, which a forward does not preempt: even a perfect "
-            f"order gives B's p99 about {alone['p99_ms']:.1f} + {batch_ms:.1f} ms ({floor:.2f}x). The rest "
-            "is CPU: A's admitted requests are decoded on the same two cores as B's and beside the forward "
-            "(timing probes while building this benchmark: B's decoding 22 ms beside A against 9 ms alone, "
-            "batches 10-20 % slower). The worst requests come in A's first second (the steady p99 leaves "
-            "it out): A's first requests are parsed and decoded together and B's that arrive meanwhile "
-            "share the model with A's half until their backlog drains. On a GPU host the forward leaves the "
-            "CPU to the HTTP side.",
+            "What B still pays beside A: fair order runs B's request next (a short burst of B's back to "
+            "back, the scheduler's sleeper credit), but a forward is not preempted, so B waits for A's batch "
+            f"in progress: even a perfect order gives B's p99 about {alone['p99_ms']:.1f} + "
+            f"{batch_ms:.1f} ms ({floor:.2f}x). The rest is CPU: on these two cores A's admitted requests "
+            "are parsed and "
+            "decoded beside B's and beside the forward (timing probes while building this benchmark: B's "
+            "decoding 8 ms beside A against 5 ms alone, its forward 12 against 10 ms). The spread between "
+            "repeats is mostly B's p99 alone, the 4th-slowest of about 300 requests.",
         ]
     )
 
@@ -236,7 +259,7 @@ SERVER_SETTINGS = {
 }
 
 
-def main(seconds: float = 20.0, images_per_request: int = 8) -> None:
+def main(seconds: float = 20.0, images_per_request: int = 8, repeats: int = 3) -> None:
     from tests.helpers.api import TOKEN
     from tests.helpers.images import encode
     from tests.helpers.models import backbone_file
@@ -248,10 +271,10 @@ def main(seconds: float = 20.0, images_per_request: int = 8) -> None:
         try:
             images = [encode("PNG", i, (64, 64)) for i in range(images_per_request)]
             a, b = setup(server.url, TOKEN, images)
-            res = asyncio.run(measure(a, b, seconds))
+            runs = [asyncio.run(measure(a, b, seconds)) for _ in range(repeats)]
         finally:
             stop(server)
-    print(write_section("60-fairness", report(res, images_per_request)))
+    print(write_section("60-fairness", report(runs, images_per_request)))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import time
 from pathlib import Path
@@ -109,8 +110,18 @@ class Engine:
             grouped_path=None if self.backend.mixes else self.backend.single_task_path,
         )
         self.scheduler.start()
+        self.freeze_heap()
         self.ready = True
         log.info("engine ready: %s, %d tasks resident", self.model_name, len(self.residency.entries))
+
+    def freeze_heap(self) -> None:
+        """Move every object alive now (the backbone's modules, the libraries, the resident tasks) out of
+        the garbage collector's reach: a full collection otherwise walks them all with the interpreter held,
+        stopping every thread (measured: 225 ms at 450,000 objects, 500 ms with 10,000 tasks). Called once
+        the stored tasks are resident; a bulk load afterwards may call it again. What is freed later (an
+        evicted task) is still freed by reference counting; only cycles among frozen objects stay."""
+        gc.collect()
+        gc.freeze()
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Refuse new work, let queued requests finish (up to ``drain_timeout_s``), release the threads."""
@@ -125,6 +136,7 @@ class Engine:
         if hasattr(self, "scheduler"):
             await self.scheduler.stop(max(0.0, deadline - time.monotonic()))
         self.workers.shutdown()
+        gc.unfreeze()  # what this engine held may be collected again
         if self.owns_store:
             await asyncio.to_thread(self.store.close)
 

@@ -4,6 +4,7 @@ the reference of the exact version it names (no cross-task leakage, no torn vers
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 from pathlib import Path
 
@@ -64,3 +65,17 @@ def test_torch_threads_bounds_the_forward_and_the_decoding_threads(weights_dir: 
         assert (model, cpu) == (1, 1)
 
     run(engine, scenario)
+
+
+def test_the_heap_is_frozen_while_the_engine_runs(weights_dir: Path) -> None:
+    """Once the stored tasks are resident the engine freezes the heap (a full collection would otherwise
+    walk the backbone's and every task's objects with the interpreter held, stopping every thread), and
+    gives it back to the collector when it stops."""
+
+    async def scenario(engine: Engine) -> None:
+        assert gc.get_freeze_count() > 10_000  # the libraries and the backbone, at least
+        assert engine.ready
+
+    assert gc.get_freeze_count() == 0
+    run(vit_engine(weights_dir), scenario)
+    assert gc.get_freeze_count() == 0
