@@ -213,9 +213,13 @@ def report(runs: list[dict[str, Any]], images: int) -> str:
             f"in progress: even a perfect order gives B's p99 about {alone['p99_ms']:.1f} + "
             f"{batch_ms:.1f} ms ({floor:.2f}x). The rest is CPU: on these two cores A's admitted requests "
             "are parsed and "
-            "decoded beside B's and beside the forward (timing probes while building this benchmark: B's "
+            "decoded beside B's and beside the forward, A's at the lowest CPU priority "
+            "(`SSF_OVER_SHARE_NICE`; timing probes while building this benchmark, before that: B's "
             "decoding 8 ms beside A against 5 ms alone, its forward 12 against 10 ms). The spread between "
-            "repeats is mostly B's p99 alone, the 4th-slowest of about 300 requests.",
+            "repeats is mostly B's p99 alone, the 4th-slowest of about 300 requests. Before the fair "
+            "queuing's sleeper credit B waited 2-5 of A's batches whenever a few of its requests came "
+            "close together (2.5-3.9x); a full garbage collection (225 ms with every thread stopped) is "
+            "avoided by freezing the heap once the tasks are resident.",
         ]
     )
 

@@ -105,6 +105,14 @@ class EngineConfig(BaseModel):
         "torch's default, one per core. On a CPU host, one fewer than the cores leaves a core to decoding "
         "and HTTP, which keeps a light tenant's latency beside a saturating one (bench/fairness.py)",
     )
+    over_share_nice: int = Field(
+        default=19,
+        ge=0,
+        le=19,
+        description="Linux CPU priority (nice) of decoding for a tenant holding more than half of its queue "
+        "share while other tenants are active: on a host where decoding shares the cores with the forward, "
+        "it keeps that tenant from slowing the others' decoding (bench/fairness.py); 0 = no difference",
+    )
     cuda_graphs: bool = Field(
         default=True,
         description="on CUDA, replay the mixed path's trunk as CUDA graphs (one per padded power-of-two "

@@ -80,7 +80,7 @@ class Engine:
         self.evaluator = Evaluator(self)
         self.shadow = Shadow(self.config.shadow_fraction, self._staged_entry, self.metrics)
         self.eval_jobs = EvalJobs()
-        self.workers = Workers()
+        self.workers = Workers(over_share_nice=self.config.over_share_nice)
         self.ready = False
         self.draining = False
         self._requests = 0  # predict calls between admission and answer
@@ -324,8 +324,10 @@ class Engine:
                 if isinstance(source, torch.Tensor):
                     x = source
                 else:
-                    tenant = current_lane().tenant
-                    x = await self.workers.decode(tenant, self.preprocess.decode_all, source)
+                    lane = current_lane()
+                    x = await self.workers.decode(
+                        lane.tenant, self.preprocess.decode_all, source, over_share=scheduler.over_share(lane)
+                    )
                 queued = True  # from here the scheduler holds the admission, even if submit refuses
                 logits = await scheduler.submit(entry, x, deadline, admitted=True)
             self.metrics.task_images.labels(name).inc(n)

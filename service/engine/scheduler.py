@@ -178,6 +178,11 @@ class Scheduler:
         bound = math.ceil(self.config.max_queue_size * lane.weight / sum(active.values()))
         return max(bound, self.config.max_images_per_request)
 
+    def over_share(self, lane: Lane) -> bool:
+        """Whether ``lane``'s tenant holds more than half of its share while other tenants are active."""
+        bound = self.share(lane)
+        return bound is not None and self.held.get(lane.tenant, 0) > bound // 2
+
     def _refuse(self, held: int, limit: int, tenant: str | None) -> Overloaded:
         self.metrics.rejected.labels("queue_full").inc()
         per_image = self.costs.per_image_s.get("mixed", 0.01)

@@ -4,18 +4,35 @@ schedules.
 
 Decoding goes through ``FairSlots``: at most one job per pool thread, handed out by tenant, the tenant served
 longest ago first. Plain FIFO would let a tenant with many requests in decoding keep another tenant's one
-request waiting behind all of them (the fair share in the scheduler comes after decoding).
+request waiting behind all of them (the fair share in the scheduler comes after decoding). On Linux, a
+tenant holding more than half of its queue share while others are active decodes on a thread of its own at a
+lower CPU priority (``over_share_nice``): on a host where decoding shares the cores with the forward, the
+tenant beyond its share no longer slows the others' decoding.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import sys
+import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+def lower_priority(nice: int) -> None:
+    """Run the calling thread at ``nice`` (Linux: the nice value is per thread); a value the process may
+    not set (below its own) logs once and leaves the thread as it is."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except OSError as e:
+        log.warning("over-share decoding runs at the normal CPU priority: nice %d refused (%s)", nice, e)
 
 
 class FairSlots:
@@ -68,10 +85,16 @@ class FairSlots:
 
 
 class Workers:
-    def __init__(self, cpu_threads: int = 2) -> None:
+    def __init__(self, cpu_threads: int = 2, over_share_nice: int = 0) -> None:
         self.model = ThreadPoolExecutor(1, thread_name_prefix="ssf-model")
         self.cpu = ThreadPoolExecutor(cpu_threads, thread_name_prefix="ssf-cpu")
         self.decoding = FairSlots(cpu_threads)
+        self.over_share: ThreadPoolExecutor | None = None  # Linux only: elsewhere nice is per process
+        if over_share_nice and sys.platform == "linux":
+            self.over_share = ThreadPoolExecutor(
+                1, "ssf-over-share", initializer=lower_priority, initargs=(over_share_nice,)
+            )
+            self.over_share_decoding = FairSlots(1)
 
     async def on_model(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.model, fn, *args)
@@ -79,9 +102,14 @@ class Workers:
     async def on_cpu(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.cpu, fn, *args)
 
-    async def decode(self, tenant: str, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` on the CPU pool, in fair order between tenants (``FairSlots``)."""
-        return await self.decoding.run(tenant, lambda: self.on_cpu(fn, *args))
+    async def decode(self, tenant: str, fn: Callable[..., T], *args: Any, over_share: bool = False) -> T:
+        """``fn(*args)`` on the CPU pool, in fair order between tenants (``FairSlots``); for a tenant
+        ``over_share``, on the lower-priority thread when there is one."""
+        pool = self.over_share if over_share else None
+        if pool is None:
+            return await self.decoding.run(tenant, lambda: self.on_cpu(fn, *args))
+        loop = asyncio.get_running_loop()
+        return await self.over_share_decoding.run(tenant, lambda: loop.run_in_executor(pool, fn, *args))
 
     def later_on_model(self, fn: Callable[..., Any], *args: Any) -> None:
         """Queue work on the model thread without waiting; dropped once the engine has stopped."""
@@ -93,3 +121,5 @@ class Workers:
     def shutdown(self) -> None:
         self.model.shutdown(wait=False, cancel_futures=True)
         self.cpu.shutdown(wait=False)  # a late decode finishes, then meets a closed scheduler
+        if self.over_share is not None:
+            self.over_share.shutdown(wait=False)

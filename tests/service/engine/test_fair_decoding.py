@@ -1,12 +1,18 @@
 """Decoding slots handed out by tenant (``service.engine.workers.FairSlots``): a tenant with many requests
 in decoding does not keep another tenant's request behind all of them, one tenant alone keeps arrival
-order, and a waiter cancelled at any point neither runs nor loses a slot."""
+order, and a waiter cancelled at any point neither runs nor loses a slot; a tenant beyond its share decodes
+at a lower CPU priority."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 
-from service.engine.workers import FairSlots
+import pytest
+
+from service.engine.workers import FairSlots, Workers
 
 
 async def _run_all(slots: FairSlots, jobs: list[tuple[str, str]]) -> list[str]:
@@ -97,3 +103,36 @@ def test_a_cancelled_waiter_never_runs_and_the_slot_is_passed_on() -> None:
         assert slots.running == 0 and not slots.waiting
 
     asyncio.run(scenario())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the nice value is per thread on Linux only")
+def test_over_share_decoding_runs_at_the_lower_priority_and_the_rest_at_the_normal_one() -> None:
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    async def scenario() -> tuple[int, int, int]:
+        workers = Workers(over_share_nice=7)
+        try:
+            return (
+                await workers.decode("a", nice, over_share=True),
+                await workers.decode("b", nice),
+                await workers.decode("c", nice, over_share=False),
+            )
+        finally:
+            workers.shutdown()
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    if base > 7:
+        pytest.skip(f"this process already runs at nice {base}")
+    assert asyncio.run(scenario()) == (7, base, base)
+
+
+def test_without_a_nice_value_over_share_decoding_uses_the_common_pool() -> None:
+    async def scenario() -> str:
+        workers = Workers(over_share_nice=0)
+        try:
+            return await workers.decode("a", lambda: threading.current_thread().name, over_share=True)
+        finally:
+            workers.shutdown()
+
+    assert asyncio.run(scenario()).startswith("ssf-cpu")

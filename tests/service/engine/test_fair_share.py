@@ -102,6 +102,25 @@ def test_each_active_tenant_may_hold_only_its_weighted_share() -> None:
         LANE.reset(token)
 
 
+def test_a_tenant_is_over_its_share_beyond_half_of_it_and_only_beside_others() -> None:
+    s = _scheduler(max_queue_size=32, max_images_per_request=4)
+
+    def admit(lane: Lane, n: int) -> bool:
+        token = LANE.set(lane)
+        try:
+            s.admit(n)
+            return s.over_share(lane)
+        finally:
+            LANE.reset(token)
+
+    a, b = Lane("a"), Lane("b")
+    assert [admit(a, 4) for _ in range(3)] == [False] * 3  # alone: never over a share
+    assert admit(b, 4) is False  # b arrives: shares of 16 images each
+    assert s.over_share(a)  # a holds 12 > 8
+    assert admit(b, 4) is False  # b holds 8, half of its share
+    assert admit(b, 4) is True  # 12
+
+
 def test_tags_are_committed_for_what_runs() -> None:
     async def scenario() -> None:
         s = _scheduler()
