@@ -6,7 +6,7 @@ Tenant B offers a rate within its share, alone and then beside tenant A, who off
 alone and beside A, B's losses, A's 429s. The test (tests/service/api/test_fairness.py) runs the same
 ``measure`` smaller.
 
-    python -m bench.fairness          # writes bench/results/60-fairness.md (about 3 min)
+    python -m bench.fairness          # writes bench/results/60-fairness.md (about 4 min)
 """
 
 from __future__ import annotations
@@ -263,7 +263,7 @@ SERVER_SETTINGS = {
 }
 
 
-def main(seconds: float = 20.0, images_per_request: int = 8, repeats: int = 3) -> None:
+def main(seconds: float = 20.0, images_per_request: int = 8, repeats: int = 5) -> None:
     from tests.helpers.api import TOKEN
     from tests.helpers.images import encode
     from tests.helpers.models import backbone_file
