@@ -87,23 +87,42 @@ def summary(run: dict[str, Any], onset_s: float = ONSET_S) -> dict[str, Any]:
     }
 
 
-def engine_seconds(url: str, task: str) -> tuple[float, float]:
-    """(sum, count) of ``task``'s time in the engine, admission to answer (``ssf_task_request_seconds``)."""
+# the server's series read before and after each run: key -> (metric, the label that picks B's series)
+SERIES = {
+    "engine": ("ssf_task_request_seconds", "task"),  # B's time in the engine, admission to answer
+    "queue": ("ssf_tenant_queue_wait_seconds", "tenant"),  # B's wait for its batch
+    "batch": ("ssf_engine_batch_seconds", "path"),  # every batch's forward (the mixed path here)
+}
+
+
+Scrape = dict[str, tuple[float, float]]
+
+
+def scrape(url: str, b: Target) -> Scrape:
+    """(sum, count) of each of ``SERIES`` for tenant B (its task, its tenant; the mixed path's batches)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    total = count = 0.0
+    want = {"engine": b.task, "queue": b.tenant.lower(), "batch": "mixed"}
+    found = {k: [0.0, 0.0] for k in SERIES}
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
         for sample in family.samples:
-            if sample.labels.get("task") == task and sample.name == "ssf_task_request_seconds_sum":
-                total = sample.value
-            elif sample.labels.get("task") == task and sample.name == "ssf_task_request_seconds_count":
-                count = sample.value
-    return total, count
+            for key, (metric, label) in SERIES.items():
+                if sample.labels.get(label) != want[key]:
+                    continue
+                if sample.name == f"{metric}_sum":
+                    found[key][0] = sample.value
+                elif sample.name == f"{metric}_count":
+                    found[key][1] = sample.value
+    return {k: (v[0], v[1]) for k, v in found.items()}
 
 
-def _engine_ms(before: tuple[float, float], after: tuple[float, float]) -> float:
-    n = after[1] - before[1]
-    return 1000 * (after[0] - before[0]) / n if n else float("nan")
+def means_ms(before: Scrape, after: Scrape) -> dict[str, float]:
+    """Each series' mean over the run between two scrapes, in ms (``<key>_mean_ms``)."""
+    out = {}
+    for key in SERIES:
+        n = after[key][1] - before[key][1]
+        out[f"{key}_mean_ms"] = 1000 * (after[key][0] - before[key][0]) / n if n else float("nan")
+    return out
 
 
 def _load(t: Target, connections: int) -> loadgen.RemoteLoad:
@@ -124,15 +143,15 @@ async def measure(a: Target, b: Target, seconds: float, b_fraction: float = 0.2)
     rate_b, rate_a = b_fraction * cap, 1.5 * cap
     load_a, load_b = _load(a, 32), _load(b, 8)
     try:
-        e0 = engine_seconds(b.url, b.task)
+        e0 = scrape(b.url, b)
         alone = await load_b.run(rate_b, seconds, 1, 10.0, early_stop=False)
-        e1 = engine_seconds(b.url, b.task)
+        e1 = scrape(b.url, b)
         await asyncio.sleep(2.5)  # B's activity window (scheduler.ACTIVE_S) passes: A starts as a newcomer
         with_a, with_b = await asyncio.gather(
             load_a.run(rate_a, seconds, 2, 10.0, early_stop=False),
             load_b.run(rate_b, seconds, 1, 10.0, early_stop=False),  # B's same arrival times as alone
         )
-        e2 = engine_seconds(b.url, b.task)
+        e2 = scrape(b.url, b)
     finally:
         load_a.close()
         load_b.close()
@@ -140,8 +159,8 @@ async def measure(a: Target, b: Target, seconds: float, b_fraction: float = 0.2)
         "capacity_rps": cap,
         "rate_a": rate_a,
         "rate_b": rate_b,
-        "b_alone": {**summary(alone), "engine_mean_ms": _engine_ms(e0, e1)},
-        "b_with_a": {**summary(with_b), "engine_mean_ms": _engine_ms(e1, e2)},
+        "b_alone": {**summary(alone), **means_ms(e0, e1)},
+        "b_with_a": {**summary(with_b), **means_ms(e1, e2)},
         "a_with_b": summary(with_a),
     }
 
@@ -179,12 +198,13 @@ def report(runs: list[dict[str, Any]], images: int) -> str:
             f"{len(runs)} repeats on one server, each measuring its own capacity.",
             "",
             "| repeat | capacity req/s | B p99 alone ms | B p99 beside A ms | ratio | steady ratio | B lost "
-            "| A 429 |",
-            "|---|---|---|---|---|---|---|---|",
+            "| A 429 | B's wait for its batch beside A |",
+            "|---|---|---|---|---|---|---|---|---|",
             *(
                 f"| {i + 1} | {r['capacity_rps']:.1f} | {r['b_alone']['p99_ms']:.1f} | "
                 f"{r['b_with_a']['p99_ms']:.1f} | {ratios(r)[0]:.2f} | {ratios(r)[1]:.2f} | "
-                f"{r['b_with_a']['sent'] - r['b_with_a']['ok']} | {r['a_with_b']['refused_429']} |"
+                f"{r['b_with_a']['sent'] - r['b_with_a']['ok']} | {r['a_with_b']['refused_429']} | "
+                f"{_wait(r['b_with_a'])} |"
                 for i, r in enumerate(runs)
             ),
             "",
@@ -200,6 +220,10 @@ def report(runs: list[dict[str, Any]], images: int) -> str:
             f"{min(all_ratios):.2f}-{max(all_ratios):.2f}x over the repeats, within the goal in {met} of "
             f"{len(runs)}), {steady:.2f}x in the steady state; B lost {lost} requests in all; A was answered "
             f"429 {a['refused_429']} times.",
+            "",
+            f"B's mean wait for its batch (`ssf_tenant_queue_wait_seconds`): {_wait(alone)} alone, "
+            f"{_wait(shared)} beside A, where waiting for the batch in progress alone averages half a "
+            "batch.",
             "",
             f"B's mean time in the engine (admission to answer, the server's `ssf_task_request_seconds`): "
             f"{alone['engine_mean_ms']:.1f} ms alone, {shared['engine_mean_ms']:.1f} ms beside A, against "
@@ -222,6 +246,16 @@ def report(runs: list[dict[str, Any]], images: int) -> str:
             "avoided by freezing the heap once the tasks are resident.",
         ]
     )
+
+
+def batches_waited(run: dict[str, Any]) -> float:
+    """A tenant's mean wait for its batch over the run, in mean batch times."""
+    return float(run["queue_mean_ms"] / run["batch_mean_ms"])
+
+
+def _wait(run: dict[str, Any]) -> str:
+    batch = run["batch_mean_ms"]
+    return f"{run['queue_mean_ms']:.1f} ms ({batches_waited(run):.2f} batches of {batch:.1f} ms)"
 
 
 def _row(run: str, tenant: str, s: dict[str, Any]) -> str:

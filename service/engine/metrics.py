@@ -118,6 +118,14 @@ class EngineMetrics:
             buckets=_SECONDS_BUCKETS,
             registry=r,
         )
+        self.tenant_queue_wait_seconds = Histogram(
+            "ssf_tenant_queue_wait_seconds",
+            "Time a request waited before its batch ran, by tenant ('-': requests of no tenant; tenants "
+            "are created by an operator, so the series are bounded by configuration)",
+            ["tenant"],
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge("ssf_engine_queue_depth", "Images waiting to be scheduled", registry=r)
         self.tasks_resident = Gauge("ssf_engine_tasks_resident", "Task versions resident", registry=r)
         self.rejected = Counter(

@@ -435,6 +435,7 @@ class Scheduler:
         images = sum(p.n for p in items)
         for p in items:
             self.metrics.queue_wait_seconds.observe(now - p.enqueued)
+            self.metrics.tenant_queue_wait_seconds.labels(p.lane.tenant).observe(now - p.enqueued)
         start = time.perf_counter()
         run = self.runner(path, items)
         seconds = time.perf_counter() - start - run.merge_s
