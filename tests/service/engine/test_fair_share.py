@@ -73,15 +73,20 @@ def test_one_tenant_alone_keeps_arrival_order_and_the_whole_queue() -> None:
         LANE.reset(token)
 
 
+def _admit(s: Scheduler, lane: Lane, n: int) -> None:
+    """``s.admit(n)`` for a request of ``lane`` (read from the context, where the HTTP layer sets it)."""
+    token = LANE.set(lane)
+    try:
+        s.admit(n)
+    finally:
+        LANE.reset(token)
+
+
 def test_each_active_tenant_may_hold_only_its_weighted_share() -> None:
     s = _scheduler(max_queue_size=30, max_images_per_request=2)
 
     def admit(lane: Lane, n: int) -> None:
-        token = LANE.set(lane)
-        try:
-            s.admit(n)
-        finally:
-            LANE.reset(token)
+        _admit(s, lane, n)
 
     a, b = Lane("a", weight=2.0), Lane("b", weight=1.0)
     admit(b, 1)  # b is active
@@ -106,12 +111,8 @@ def test_a_tenant_is_over_its_share_beyond_half_of_it_and_only_beside_others() -
     s = _scheduler(max_queue_size=32, max_images_per_request=4)
 
     def admit(lane: Lane, n: int) -> bool:
-        token = LANE.set(lane)
-        try:
-            s.admit(n)
-            return s.over_share(lane)
-        finally:
-            LANE.reset(token)
+        _admit(s, lane, n)
+        return s.over_share(lane)
 
     a, b = Lane("a"), Lane("b")
     assert [admit(a, 4) for _ in range(3)] == [False] * 3  # alone: never over a share
