@@ -350,6 +350,10 @@ def test_hostile_lifecycle_requests_are_4xx_and_change_nothing(pair: Pair) -> No
     assert upload(pair.a.url, task_delta(task, 802), replace=True).status_code == 201
     assert upload(pair.a.url, task_delta(gone, 803)).status_code == 201
     assert httpx.delete(f"{pair.a.url}/tasks/{gone}", headers=AUTH).status_code == 204
+    # the cases probe a task whose current version is 2 on both replicas: b follows within the propagation
+    # bound, and a case sent to it before then (an older version asked for, 404) would meet version 1 still
+    assert eventually(lambda: all(predict(url, task).json()["version"] == 2 for url in pair.urls))
+    assert eventually(lambda: all(predict(url, gone).status_code == 404 for url in pair.urls))
     before = [httpx.get(f"{url}/tasks/{task}/versions").json() for url in pair.urls]
     cases = list(hostile_lifecycle())
     assert len(cases) > 40
