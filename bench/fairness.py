@@ -192,10 +192,9 @@ def report(runs: list[dict[str, Any]], images: int) -> str:
             f"for the forward, one for HTTP and decoding), {images} images a request, max batch 8. B offers "
             "0.2 of the capacity measured closed-loop (within its half); A offers 1.5 of it (3x its half). "
             "Each tenant's load comes from a generator process of its own (`bench/loadgen.py`: Poisson "
-            "arrivals sent whatever the answers, latency from the scheduled arrival; B's arrival times are "
-            f"the same alone and beside A). Steady: without the requests sent in a run's first {ONSET_S:g} "
-            "s. "
-            f"{len(runs)} repeats on one server, each measuring its own capacity.",
+            "arrivals sent whatever the answers, latency from the scheduled arrival; B's arrival times "
+            f"are the same alone and beside A). Steady: without the requests sent in a run's first "
+            f"{ONSET_S:g} s. {len(runs)} repeats on one server, each measuring its own capacity.",
             "",
             "| repeat | capacity req/s | B p99 alone ms | B p99 beside A ms | ratio | steady ratio | B lost "
             "| A 429 | B's wait for its batch beside A |",
@@ -208,10 +207,12 @@ def report(runs: list[dict[str, Any]], images: int) -> str:
                 for i, r in enumerate(runs)
             ),
             "",
-            "The median repeat in full:",
+            "The median repeat in full (client send lag: how late the generator sent a request against its "
+            "schedule, already inside the latencies):",
             "",
-            "| run | tenant | sent | 200 | 429 | other | p50 ms | p99 ms | p99 steady ms | client CPU s |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| run | tenant | sent | 200 | 429 | other | p50 ms | p99 ms | p99 steady ms | client CPU s "
+            "| client send lag max ms |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
             _row("B alone", "B", alone),
             _row("A and B", "B", shared),
             _row("A and B", "A", a),
@@ -236,8 +237,7 @@ def report(runs: list[dict[str, Any]], images: int) -> str:
             "back, the scheduler's sleeper credit), but a forward is not preempted, so B waits for A's batch "
             f"in progress: even a perfect order gives B's p99 about {alone['p99_ms']:.1f} + "
             f"{batch_ms:.1f} ms ({floor:.2f}x). The rest is CPU: on these two cores A's admitted requests "
-            "are parsed and "
-            "decoded beside B's and beside the forward, A's at the lowest CPU priority "
+            "are parsed and decoded beside B's and beside the forward, A's at the lowest CPU priority "
             "(`SSF_OVER_SHARE_NICE`; timing probes while building this benchmark, before that: B's "
             "decoding 8 ms beside A against 5 ms alone, its forward 12 against 10 ms). The spread between "
             "repeats is mostly B's p99 alone, the 4th-slowest of about 300 requests. Before the fair "
@@ -261,7 +261,8 @@ def _wait(run: dict[str, Any]) -> str:
 def _row(run: str, tenant: str, s: dict[str, Any]) -> str:
     return (
         f"| {run} | {tenant} | {s['sent']} | {s['ok']} | {s['refused_429']} | {s['other']} | "
-        f"{s['p50_ms']:.1f} | {s['p99_ms']:.1f} | {s['p99_steady_ms']:.1f} | {s['client_cpu_s']:.2f} |"
+        f"{s['p50_ms']:.1f} | {s['p99_ms']:.1f} | {s['p99_steady_ms']:.1f} | {s['client_cpu_s']:.2f} | "
+        f"{s['send_lag_max_ms']:.1f} |"
     )
 
 

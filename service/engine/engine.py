@@ -306,7 +306,7 @@ class Engine:
         timeout = timeout_s if timeout_s is not None else self.config.request_timeout_s
         deadline = time.monotonic() + timeout
         scheduler = self.scheduler
-        scheduler.admit(n)  # overload is answered before any decoding work
+        over_share = scheduler.admit(n)  # overload is answered before any decoding work
         self._requests += 1
         queued = False
         try:
@@ -324,9 +324,9 @@ class Engine:
                 if isinstance(source, torch.Tensor):
                     x = source
                 else:
-                    lane = current_lane()
+                    tenant = current_lane().tenant
                     x = await self.workers.decode(
-                        lane.tenant, self.preprocess.decode_all, source, over_share=scheduler.over_share(lane)
+                        tenant, self.preprocess.decode_all, source, over_share=over_share
                     )
                 queued = True  # from here the scheduler holds the admission, even if submit refuses
                 logits = await scheduler.submit(entry, x, deadline, admitted=True)

@@ -178,11 +178,6 @@ class Scheduler:
         bound = math.ceil(self.config.max_queue_size * lane.weight / sum(active.values()))
         return max(bound, self.config.max_images_per_request)
 
-    def over_share(self, lane: Lane) -> bool:
-        """Whether ``lane``'s tenant holds more than half of its share while other tenants are active."""
-        bound = self.share(lane)
-        return bound is not None and self.held.get(lane.tenant, 0) > bound // 2
-
     def _refuse(self, held: int, limit: int, tenant: str | None) -> Overloaded:
         self.metrics.rejected.labels("queue_full").inc()
         per_image = self.costs.per_image_s.get("mixed", 0.01)
@@ -197,10 +192,12 @@ class Scheduler:
         if bound is not None and self.held.get(lane.tenant, 0) >= bound:
             raise self._refuse(self.held.get(lane.tenant, 0), bound, lane.tenant)
 
-    def admit(self, n: int) -> None:
+    def admit(self, n: int) -> bool:
         """Reserve room for ``n`` images, or refuse at once (before any decoding) when the queue (or, with
         several tenants active, the tenant's share of it) is full. The caller then either ``submit``s
-        them or ``withdraw``s the reservation, in the same context (the lane is read from it)."""
+        them or ``withdraw``s the reservation, in the same context (the lane is read from it). Returns
+        whether the tenant now holds more than half of its share while other tenants are active (its
+        decoding then runs at a lower CPU priority: ``Workers.decode``)."""
         if self.closed:
             raise Unavailable("the engine is stopping")
         lane = current_lane()
@@ -217,6 +214,7 @@ class Scheduler:
         self.held[lane.tenant] = self.held.get(lane.tenant, 0) + n
         if lane is not DEFAULT_LANE:
             lane.images += n
+        return bound is not None and self.held[lane.tenant] > bound // 2
 
     def _release(self, tenant: str, n: int) -> None:
         left = self.held.get(tenant, 0) - n
@@ -319,6 +317,7 @@ class Scheduler:
         self.metrics.queue_depth.set(self.images_waiting)
 
     def _take(self, items: list[Pending]) -> None:
+        now = time.monotonic()
         chosen = {id(p) for p in items}
         self.queue = [p for p in self.queue if id(p) not in chosen]
         self.images_waiting -= sum(p.n for p in items)
@@ -331,11 +330,9 @@ class Scheduler:
             tag = self._tags.get(id(p)) or self._tag(p.lane, p.n)
             tenant, start, finish = tag
             self._finish[tenant] = max(self._finish.get(tenant, -math.inf), finish)
+            self._taken_at[tenant] = now
             self._vtime = max(self._vtime, start)
         self._tags.clear()
-        now = time.monotonic()
-        for p in items:
-            self._taken_at[p.lane.tenant] = now
         for tenant in [t for t, at in self._taken_at.items() if t not in self.held and now - at > ACTIVE_S]:
             del self._finish[tenant], self._taken_at[tenant]  # gone: bounded by the tenants active lately
 

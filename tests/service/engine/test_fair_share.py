@@ -73,11 +73,11 @@ def test_one_tenant_alone_keeps_arrival_order_and_the_whole_queue() -> None:
         LANE.reset(token)
 
 
-def _admit(s: Scheduler, lane: Lane, n: int) -> None:
+def _admit(s: Scheduler, lane: Lane, n: int) -> bool:
     """``s.admit(n)`` for a request of ``lane`` (read from the context, where the HTTP layer sets it)."""
     token = LANE.set(lane)
     try:
-        s.admit(n)
+        return s.admit(n)
     finally:
         LANE.reset(token)
 
@@ -109,17 +109,12 @@ def test_each_active_tenant_may_hold_only_its_weighted_share() -> None:
 
 def test_a_tenant_is_over_its_share_beyond_half_of_it_and_only_beside_others() -> None:
     s = _scheduler(max_queue_size=32, max_images_per_request=4)
-
-    def admit(lane: Lane, n: int) -> bool:
-        _admit(s, lane, n)
-        return s.over_share(lane)
-
     a, b = Lane("a"), Lane("b")
-    assert [admit(a, 4) for _ in range(3)] == [False] * 3  # alone: never over a share
-    assert admit(b, 4) is False  # b arrives: shares of 16 images each
-    assert s.over_share(a)  # a holds 12 > 8
-    assert admit(b, 4) is False  # b holds 8, half of its share
-    assert admit(b, 4) is True  # 12
+    assert [_admit(s, a, 4) for _ in range(3)] == [False] * 3  # alone: never over a share
+    assert _admit(s, b, 4) is False  # b arrives: shares of 16 images each
+    assert _admit(s, a, 4) is True  # a holds 16 > 8
+    assert _admit(s, b, 4) is False  # b holds 8, half of its share
+    assert _admit(s, b, 4) is True  # 12
 
 
 def test_tags_are_committed_for_what_runs() -> None:
