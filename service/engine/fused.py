@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import timm.layers
 import torch
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
@@ -31,6 +32,7 @@ import ssf
 from service.engine import triton_affine
 
 _NORM_TYPES: tuple[type, ...] = (nn.BatchNorm2d, BatchNormAct2d)
+_LAYER_NORM_TYPES: tuple[type, ...] = (nn.LayerNorm, timm.layers.LayerNorm)
 EPS = 2.0**-20  # with variance 1 - EPS (exact in float32): rsqrt(var + eps) is exactly 1
 
 
@@ -42,6 +44,17 @@ def fusable_norm(module: nn.Module) -> bool:
         and getattr(module, "running_mean", None) is not None
         and getattr(module, "weight", None) is not None
         and getattr(module, "bias", None) is not None
+    )
+
+
+def foldable_layer_norm(module: nn.Module) -> bool:
+    """A LayerNorm over the last axis with weight and bias, of a class whose forward is ``F.layer_norm``."""
+    return (
+        type(module) in _LAYER_NORM_TYPES
+        and len(module.normalized_shape) == 1  # type: ignore[arg-type]
+        and getattr(module, "weight", None) is not None
+        and getattr(module, "bias", None) is not None
+        and not getattr(module, "_fast_norm", False)  # timm's fast_norm path: left to the generic slot
     )
 
 
@@ -223,3 +236,27 @@ class AffineSlot:
             # The op's fresh output is ours to overwrite: no second activation-sized tensor per site.
             return torch.addcmul(shift, x, scale, out=x)
         return torch.addcmul(shift, x, scale)
+
+
+class LayerNormSlot(AffineSlot):
+    """A LayerNorm site whose table columns hold the norm's affine with the site folded in
+    (``SiteTables.folded``). A one-task batch runs ``F.layer_norm`` with that row as its weight and bias:
+    exactly the merged model's op, the site costs nothing. A mixed batch normalizes with weight 1 and bias 0
+    (not ``None``: torch's kernel without an affine is slower on the CPU) and applies the gathered rows."""
+
+    def __init__(self, module: nn.Module, position: int, tables: Any) -> None:
+        self.shape: tuple[int, ...] = tuple(module.normalized_shape)  # type: ignore[arg-type]
+        self.eps = float(module.eps)  # type: ignore[arg-type]
+        channels = self.shape[0]
+        self.ones = torch.ones(channels, device=tables.device, dtype=tables.dtype)
+        self.zeros = torch.zeros(channels, device=tables.device, dtype=tables.dtype)
+        super().__init__(self.normalize, position, -1, tables)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.shape, self.ones, self.zeros, self.eps)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.tables.single >= 0:
+            weight, bias = self.tables.vectors(self.position)
+            return F.layer_norm(x, self.shape, weight, bias, self.eps)
+        return super().__call__(x)

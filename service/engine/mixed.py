@@ -2,9 +2,10 @@
 
 The mixed path runs one forward over a batch that holds many tasks: at each site an ``AffineSlot``
 (``service.engine.fused``) applies each sample's row of the site's scale and shift (an elementwise op,
-about 0.1% of the FLOPs; eval-mode BatchNorms and the conv feeding them run as one fused op). Row 0 is the
-identity (scale 1, shift 0): head-only (linear-probe) tasks and warm-up use it. Rows are only written or
-freed on the thread that owns the model.
+about 0.1% of the FLOPs; eval-mode BatchNorms and the conv feeding them run as one fused op; a LayerNorm site
+of a one-task batch runs as the norm's own affine with the task's folded row). Row 0 is the identity (the
+bare backbone): head-only (linear-probe) tasks and warm-up use it. Rows are only written or freed on the
+thread that owns the model.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ from torch import nn
 from torch.func import functional_call
 
 import ssf
-from service.engine.fused import AffineSlot, NormSlot, NormTables, plan_norms
+from service.engine.fused import (
+    AffineSlot,
+    LayerNormSlot,
+    NormSlot,
+    NormTables,
+    foldable_layer_norm,
+    plan_norms,
+)
 
 if TYPE_CHECKING:
     from service.engine.residency import TaskEntry
@@ -33,27 +41,42 @@ class SiteTables:
     nothing is gathered: the sites read that task's row, broadcast over the batch.
     """
 
-    def __init__(self, sites: list[ssf.Site], device: torch.device, dtype: torch.dtype, capacity: int = 8):
+    def __init__(
+        self,
+        sites: list[ssf.Site],
+        device: torch.device,
+        dtype: torch.dtype,
+        capacity: int = 8,
+        folded: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ):
         self.sites = sites
         self.device, self.dtype = device, dtype
         self.capacity = max(2, capacity)
         self.sizes = [s.channels for s in sites]
         self.index = {s.path: i for i, s in enumerate(sites)}
+        # {path: (weight, bias)} of the norms whose columns hold the folded affine (see ``add``)
+        self.folded = {
+            p: (w.detach().to(device, dtype), b.detach().to(device, dtype))
+            for p, (w, b) in (folded or {}).items()
+        }
+        ones = [self.folded[s.path][0] if s.path in self.folded else torch.ones(s.channels) for s in sites]
+        zeros = [self.folded[s.path][1] if s.path in self.folded else torch.zeros(s.channels) for s in sites]
         width = sum(self.sizes)
-        self.scale_all = torch.ones(self.capacity, width, device=device, dtype=dtype)
-        self.shift_all = torch.zeros(self.capacity, width, device=device, dtype=dtype)
+        # the identity row: the bare backbone (scale 1 and shift 0; a folded norm's own weight and bias)
+        empty = torch.zeros(0, device=device, dtype=dtype)
+        self.identity_scale = torch.cat([t.to(device, dtype) for t in ones]) if sites else empty
+        self.identity_shift = torch.cat([t.to(device, dtype) for t in zeros]) if sites else empty
+        self.scale_all = self.identity_scale.repeat(self.capacity, 1).reshape(self.capacity, width)
+        self.shift_all = self.identity_shift.repeat(self.capacity, 1).reshape(self.capacity, width)
         self._views()
         self.free = list(range(self.capacity - 1, 0, -1))  # row 0 stays the identity
-        widest = max(self.sizes, default=0)
-        self._ones = torch.ones(widest, device=device, dtype=dtype)
-        self._zeros = torch.zeros(widest, device=device, dtype=dtype)
         self.norms: NormTables | None = None  # fused norms' rows (same row numbers), grown alongside
         self.batch = 1
         self.single = 0  # the row every sample uses, or -1 after ``gather``
         self._scale_rows = self.scale_all[:1]  # [B, W]: the current batch's rows
         self._shift_rows = self.shift_all[:1]
-        self._layouts: dict[tuple[int, int], tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
-        self._row_layouts: dict[int, dict[tuple[int, int], Any]] = {}  # per row, for one-task batches
+        self._layouts: dict[Any, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
+        self._row_layouts: dict[int, dict[Any, Any]] = {}  # per row, for one-task batches
 
     def _views(self) -> None:
         """Per-site ``[T, C]`` views of the tables (for writing a task's rows)."""
@@ -64,8 +87,8 @@ class SiteTables:
     def _grow(self) -> None:
         old = self.capacity
         self.capacity *= 2
-        scale = torch.ones(self.capacity, self.scale_all.shape[1], device=self.device, dtype=self.dtype)
-        shift = torch.zeros_like(scale)
+        scale = self.identity_scale.repeat(self.capacity, 1).reshape(self.capacity, -1)
+        shift = self.identity_shift.repeat(self.capacity, 1).reshape(self.capacity, -1)
         scale[:old] = self.scale_all
         shift[:old] = self.shift_all
         self.scale_all, self.shift_all = scale, shift
@@ -76,26 +99,47 @@ class SiteTables:
         self.free.extend(range(self.capacity - 1, old - 1, -1))
 
     def add(self, sites: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
-        """A row holding ``sites`` (paths this table does not hold, fused ones, go to ``norms``)."""
+        """A row holding ``sites`` (paths this table does not hold, fused ones, go to ``norms``).
+
+        A folded norm's columns hold its affine with the site folded in (``ssf.fold``: ``scale*weight``,
+        ``scale*bias + shift``), so a one-task batch runs the norm with that row as its own weight and bias
+        and the site costs no op at all (``LayerNormSlot``); a mixed batch normalizes with weight 1 and bias
+        0 and applies the gathered rows as any site does."""
         if not sites:
             return 0
         if not self.free:
             self._grow()
         row = self.free.pop()
         if self.sites:  # one concatenated copy per table (a site a delta lacks keeps the identity)
-            scales = [sites[s.path][0] if s.path in sites else self._ones[: s.channels] for s in self.sites]
-            shifts = [sites[s.path][1] if s.path in sites else self._zeros[: s.channels] for s in self.sites]
-            self.scale_all[row].copy_(torch.cat([t.reshape(-1) for t in scales]))
-            self.shift_all[row].copy_(torch.cat([t.reshape(-1) for t in shifts]))
+            identity = zip(
+                self.identity_scale.split(self.sizes), self.identity_shift.split(self.sizes), strict=True
+            )
+            scales, shifts = [], []
+            for s, default in zip(self.sites, identity, strict=True):
+                scale, shift = self._row(s, sites[s.path]) if s.path in sites else default
+                scales.append(scale.reshape(-1))
+                shifts.append(shift.reshape(-1))
+            self.scale_all[row].copy_(torch.cat(scales))
+            self.shift_all[row].copy_(torch.cat(shifts))
         if self.norms is not None:
             self.norms.write(row, sites)
         return row
 
+    def _row(
+        self, site: ssf.Site, pair: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if site.path not in self.folded:
+            return pair
+        weight, bias = self.folded[site.path]
+        p = site.path
+        folded = ssf.fold.fold_site({f"{p}.weight": weight, f"{p}.bias": bias}, site, *pair)
+        return folded[f"{p}.weight"], folded[f"{p}.bias"]
+
     def release(self, row: int) -> None:
         if row == 0:
             return
-        self.scale_all[row].fill_(1)
-        self.shift_all[row].fill_(0)
+        self.scale_all[row].copy_(self.identity_scale)
+        self.shift_all[row].copy_(self.identity_shift)
         if self.norms is not None:
             self.norms.reset(row)
         self.free.append(row)
@@ -159,6 +203,16 @@ class SiteTables:
             )
         return views[0][position], views[1][position]
 
+    def vectors(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Site ``position``'s scale and shift as 1-D ``[C]`` vectors of a one-task batch's row."""
+        views = self._layouts.get("vectors")
+        if views is None:
+            views = self._layouts["vectors"] = (
+                self._scale_rows[0].split(self.sizes),
+                self._shift_rows[0].split(self.sizes),
+            )
+        return views[0][position], views[1][position]
+
     def _shaped(self, rows: torch.Tensor, key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
         channel_dim, ndim = key
         dim = channel_dim % ndim
@@ -215,7 +269,13 @@ class MixedModel:
             example = torch.randn(1, *size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
             plan = plan_norms(model, sites, example)
         fused = set(plan) | {c.path for c in plan.values() if c is not None}
-        self.tables = SiteTables([s for s in sites if s.path not in fused], device, dtype)
+        rest = [s for s in sites if s.path not in fused]
+        folded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for s in rest:  # LayerNorm sites: one-task batches run the norm with the folded row (LayerNormSlot)
+            norm = model.get_submodule(s.path)
+            if s.fold == "affine" and s.apply_at == s.path and foldable_layer_norm(norm):
+                folded[s.path] = (norm.weight, norm.bias)  # type: ignore[assignment]
+        self.tables = SiteTables(rest, device, dtype, folded=folded)
         if plan:
             self.tables.norms = NormTables(model, plan, device, dtype, self.tables.capacity)
             for path in plan:
@@ -224,7 +284,10 @@ class MixedModel:
                 )
         for i, site in enumerate(self.tables.sites):
             module = model.get_submodule(site.apply_at)
-            module.forward = AffineSlot(module.forward, i, site.channel_dim, self.tables)
+            if site.path in folded:
+                module.forward = LayerNormSlot(module, i, self.tables)
+            else:
+                module.forward = AffineSlot(module.forward, i, site.channel_dim, self.tables)
         self.heads = HeadRunner(model)
         self.linear_head = _linear_head_keys(model)
         # what runs ``trunk`` instead of calling it: CUDA graphs (service.engine.cuda_graphs) or the compiled

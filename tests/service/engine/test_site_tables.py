@@ -33,3 +33,26 @@ def test_rows_survive_growth_and_gather_by_batch_order() -> None:
     assert all(torch.equal(x, torch.ones_like(x)) for x in tables.batch_scale)
     assert all(torch.equal(x, torch.zeros_like(x)) for x in tables.batch_shift)
     assert tables.rows_used == 19 and tables.nbytes() == 2 * 32 * 10 * 4
+
+
+def test_a_folded_norms_columns_hold_its_affine_with_the_site_folded_in() -> None:
+    """A LayerNorm site's columns hold (scale*weight, scale*bias + shift); its identity, in row 0, in a freed
+    row, in rows made by growth and for a delta that lacks the site, is the norm's own weight and bias."""
+    norm = ssf.Site(path="n", apply_at="n", channels=3, channel_dim=-1, fold="affine")
+    sites = [site("a", 2), norm]
+    weight, bias = torch.tensor([2.0, 3.0, 4.0]), torch.tensor([0.5, -1.0, 0.0])
+    tables = SiteTables(sites, torch.device("cpu"), torch.float32, capacity=2, folded={"n": (weight, bias)})
+    scale, shift = torch.tensor([1.5, -1.0, 0.0]), torch.tensor([1.0, 2.0, 3.0])
+    row = tables.add({"a": (torch.ones(2), torch.zeros(2)), "n": (scale, shift)})
+    lacks = tables.add({"a": (torch.full((2,), 2.0), torch.zeros(2))})  # no "n": the bare norm
+    grown = tables.add({"a": (torch.ones(2), torch.zeros(2))})  # capacity 2 -> 4
+    assert tables.capacity == 4
+    tables.select(row, batch=1)
+    assert torch.equal(tables.vectors(1)[0], scale * weight)
+    assert torch.equal(tables.vectors(1)[1], scale * bias + shift)
+    tables.release(row)
+    tables.gather(torch.tensor([0, row, lacks, grown, 3]))  # 3: made by growth, never used
+    for i in range(5):
+        assert torch.equal(tables.batch_scale[1][i], weight)
+        assert torch.equal(tables.batch_shift[1][i], bias)
+    assert torch.equal(tables.batch_scale[0][2], torch.full((2,), 2.0))
