@@ -77,6 +77,9 @@ class SiteTables:
         self._shift_rows = self.shift_all[:1]
         self._layouts: dict[Any, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
         self._row_layouts: dict[int, dict[Any, Any]] = {}  # per row, for one-task batches
+        self.reuse = device.type == "cpu"  # gather into kept buffers (see ``gather``)
+        self._buffers = (self.scale_all[:0], self.shift_all[:0])
+        self._batch_layouts: dict[int, dict[Any, Any]] = {}  # per batch size, views of the buffers
 
     def _views(self) -> None:
         """Per-site ``[T, C]`` views of the tables (for writing a task's rows)."""
@@ -145,11 +148,29 @@ class SiteTables:
         self.free.append(row)
 
     def gather(self, rows: torch.Tensor) -> None:
-        """Select the batch's rows (one per sample, in batch order) for every site."""
-        self.batch, self.single = int(rows.shape[0]), -1
-        self._scale_rows = self.scale_all.index_select(0, rows)
-        self._shift_rows = self.shift_all.index_select(0, rows)
-        self._layouts = {}
+        """Select the batch's rows (one per sample, in batch order) for every site.
+
+        With ``reuse`` (eager on the CPU) the rows land in buffers kept across forwards, whose per-site views
+        are made once per batch size: making them anew (one view per site and layout) cost about as much as
+        the gather itself. Compiled and graphed trunks keep the functional gather they were traced with."""
+        b = int(rows.shape[0])
+        self.batch, self.single = b, -1
+        if not self.reuse:
+            self._scale_rows = self.scale_all.index_select(0, rows)
+            self._shift_rows = self.shift_all.index_select(0, rows)
+            self._layouts = {}
+        else:
+            if self._buffers[0].shape[0] < b:  # a larger batch than any before: new buffers, new views
+                width = self.scale_all.shape[1]
+                self._buffers = (self.scale_all.new_empty(b, width), self.shift_all.new_empty(b, width))
+                self._batch_layouts.clear()
+            layouts = self._batch_layouts.get(b)
+            if layouts is None:
+                layouts = self._batch_layouts[b] = {"rows": (self._buffers[0][:b], self._buffers[1][:b])}
+            self._scale_rows, self._shift_rows = layouts["rows"]
+            torch.index_select(self.scale_all, 0, rows, out=self._scale_rows)
+            torch.index_select(self.shift_all, 0, rows, out=self._shift_rows)
+            self._layouts = layouts
         if self.norms is not None:
             self.norms.batch, self.norms.single, self.norms.rows = self.batch, -1, rows
 

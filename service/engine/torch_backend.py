@@ -76,6 +76,7 @@ class TorchBackend:
         """Run the mixed path's trunk through ``torch.compile`` (service.engine.compiled)."""
         from service.engine.compiled import CompiledTrunk
 
+        self.tables.reuse = False  # the trunk is traced with the functional gather
         self.mixed.runner = CompiledTrunk(self.mixed.trunk)
 
     # --------------------------------------------------------------------------------- residency

@@ -56,3 +56,22 @@ def test_a_folded_norms_columns_hold_its_affine_with_the_site_folded_in() -> Non
         assert torch.equal(tables.batch_scale[1][i], weight)
         assert torch.equal(tables.batch_shift[1][i], bias)
     assert torch.equal(tables.batch_scale[0][2], torch.full((2,), 2.0))
+
+
+def test_gathers_of_changing_batch_sizes_read_their_own_rows() -> None:
+    """On the CPU a gather lands in buffers kept across forwards (views made once per batch size): a smaller
+    batch after a larger one, a larger one after that (new buffers) and a repeat all read the right rows."""
+    sites = [site("a", 3), site("b", 2)]
+    tables = SiteTables(sites, torch.device("cpu"), torch.float32, capacity=8)
+    assert tables.reuse
+    rows = [
+        tables.add({s.path: (torch.full((s.channels,), t + 2.0), torch.zeros(s.channels)) for s in sites})
+        for t in range(6)
+    ]
+    for order in ([rows[0], rows[1], rows[2]], [rows[4]], [rows[5], 0, rows[3], rows[1], rows[2]], [rows[2]]):
+        tables.gather(torch.tensor(order))
+        for i, s in enumerate(sites):
+            x = torch.zeros(len(order), 4, s.channels)
+            scale, _ = tables.rows_for(i, -1, x)
+            want = torch.tensor([1.0 if r == 0 else r + 1.0 for r in order]).view(-1, 1, 1).expand_as(scale)
+            assert torch.equal(scale, want), order
