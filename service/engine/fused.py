@@ -1,10 +1,10 @@
 """The mixed path's per-site ops, fused: one op per site, none per absorbed conv, no hooks.
 
-Two kinds of slot replace the forward of the module they sit on (an instance attribute, so
+Three kinds of slot replace the forward of the module they sit on (an instance attribute, so
 ``Module.__call__`` keeps its fast path, where a forward hook costs more than the affine at batch 1):
 
 - ``AffineSlot``: ``y = op(x)`` then ``addcmul(shift, y, scale)`` in place with the batch's rows, which the
-  tables hand out already shaped for broadcasting (one view per layout per forward, not per site).
+  tables hand out already shaped for broadcasting (views made once per batch size on the CPU).
 - ``NormSlot``: an eval-mode BatchNorm and the SSF sites around it (the conv that feeds it, the norm's own
   site) are one per-channel affine per task, ``A = s1*a*s2, C = (t1*a + c)*s2 + t2`` (``a, c``: the norm's
   frozen statistics), stored per task in ``NormTables``. The slot runs ONE ``batch_norm`` with those rows
@@ -12,6 +12,9 @@ Two kinds of slot replace the forward of the module they sit on (an instance att
   in float32, so it computes ``x*A + C``; torch refuses eps 0 in some versions), over the batch viewed as
   one sample of ``B*C`` channels when samples differ. So a depthwise-conv network's mixed forward runs no more
   passes over its activations than the bare one (the unfused path added two per conv+norm pair).
+- ``LayerNormSlot``: a LayerNorm site whose table columns hold the norm's affine with the site folded in. A
+  one-task batch runs ``F.layer_norm`` with its row as the weight and bias (the merged model's very op); a
+  mixed batch normalizes, then applies the gathered rows as an ``AffineSlot``.
 
 A conv is absorbed into the norm after it only when a traced forward shows the norm's input IS the conv's
 output (the same tensor object), which is how every timm conv+norm pair is written.
