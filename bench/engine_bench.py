@@ -299,11 +299,12 @@ def causes(
             + ", ".join(f"{r['model']} b{r['batch']} {r['mixed']:.2f}" for r in missed)
             + f"); in {len(noisy)} of them the 25th percentile of the per-round ratios is within "
             "the goal, i.e. the miss is inside this host's run-to-run spread. What the fused path still "
-            "adds is fixed per forward: one `addcmul` per SSF site and its Python call (about "
-            f"{per_site} per site at batch 1 on test_vit in this run's profile below, fastest runs), plus "
-            "one gather and one "
-            "view+split per output layout: a larger share the smaller the model and the batch "
-            "(test_vit: 64 channels)."
+            "adds is one `addcmul` per SSF site and its Python call (in a one-task batch, per site that "
+            "is not a LayerNorm: those run as the norm's own affine; about "
+            f"{per_site} per site at batch 1 on test_vit in this run's profile below, fastest runs), and "
+            "for a mixed batch one gather per table: a fixed cost per op at small batches, an extra pass "
+            "over each site's activation at large ones, so a larger share the smaller the model "
+            "(test_vit: 64 channels, 101 tokens)."
             + (f" Every batch measured met both goals for {', '.join(met_all)}." if met_all else "")
         )
     vitb = next((m for m in merges if m["model"] == "vit_base_patch16_224"), None)
