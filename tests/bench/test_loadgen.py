@@ -66,6 +66,20 @@ def test_search_rate_brackets_the_highest_passing_rate() -> None:
     assert none is not None and none["rate"] == 100.0 and len(tried) == 4  # 2 steps, then 400 -> 200 -> 100
 
 
+def test_a_run_whose_server_fell_behind_fails_even_within_its_p99() -> None:
+    """A short window lets a server drain an overload's backlog within the target after the last arrival:
+    such a run meets its p99 but its busy time exceeds the window (``kept_up``), and the search must not
+    take its rate."""
+    sustained = 137.0
+
+    async def run(rate: float) -> dict[str, object]:  # p99 met up to 200/s; kept up only to 137/s
+        r = {"rate": rate, "sent": 10, "done": 10, "p99": 0.1 if rate <= 200 else 9.0, "stopped_early": False}
+        return {**r, "kept_up": rate <= sustained}
+
+    best, _ = asyncio.run(loadgen.search_rate(run, 50.0, 250.0, 6, 0.25))
+    assert best is not None and sustained - 200 / 2**6 <= best["rate"] <= sustained
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
 def test_the_http_generator_process_drives_a_real_server(tmp_path: Path) -> None:
