@@ -61,13 +61,12 @@ class SiteTables:
         }
         ones = [self.folded[s.path][0] if s.path in self.folded else torch.ones(s.channels) for s in sites]
         zeros = [self.folded[s.path][1] if s.path in self.folded else torch.zeros(s.channels) for s in sites]
-        width = sum(self.sizes)
         # the identity row: the bare backbone (scale 1 and shift 0; a folded norm's own weight and bias)
         empty = torch.zeros(0, device=device, dtype=dtype)
         self.identity_scale = torch.cat([t.to(device, dtype) for t in ones]) if sites else empty
         self.identity_shift = torch.cat([t.to(device, dtype) for t in zeros]) if sites else empty
-        self.scale_all = self.identity_scale.repeat(self.capacity, 1).reshape(self.capacity, width)
-        self.shift_all = self.identity_shift.repeat(self.capacity, 1).reshape(self.capacity, width)
+        self.scale_all = self.identity_scale.repeat(self.capacity, 1)
+        self.shift_all = self.identity_shift.repeat(self.capacity, 1)
         self._views()
         self.free = list(range(self.capacity - 1, 0, -1))  # row 0 stays the identity
         self.norms: NormTables | None = None  # fused norms' rows (same row numbers), grown alongside
@@ -90,8 +89,8 @@ class SiteTables:
     def _grow(self) -> None:
         old = self.capacity
         self.capacity *= 2
-        scale = self.identity_scale.repeat(self.capacity, 1).reshape(self.capacity, -1)
-        shift = self.identity_shift.repeat(self.capacity, 1).reshape(self.capacity, -1)
+        scale = self.identity_scale.repeat(self.capacity, 1)
+        shift = self.identity_shift.repeat(self.capacity, 1)
         scale[:old] = self.scale_all
         shift[:old] = self.shift_all
         self.scale_all, self.shift_all = scale, shift
@@ -133,8 +132,8 @@ class SiteTables:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if site.path not in self.folded:
             return pair
-        weight, bias = self.folded[site.path]
         p = site.path
+        weight, bias = self.folded[p]
         folded = ssf.fold.fold_site({f"{p}.weight": weight, f"{p}.bias": bias}, site, *pair)
         return folded[f"{p}.weight"], folded[f"{p}.bias"]
 
@@ -151,8 +150,9 @@ class SiteTables:
         """Select the batch's rows (one per sample, in batch order) for every site.
 
         With ``reuse`` (eager on the CPU) the rows land in buffers kept across forwards, whose per-site views
-        are made once per batch size: making them anew (one view per site and layout) cost about as much as
-        the gather itself. Compiled and graphed trunks keep the functional gather they were traced with."""
+        are made once per batch size: making them anew (one view per site and layout) cost ~9x the gather
+        itself on test_vit (67 against 7.7 us). Compiled and graphed trunks keep the functional gather they
+        were traced with."""
         b = int(rows.shape[0])
         self.batch, self.single = b, -1
         if not self.reuse:
