@@ -41,6 +41,8 @@ def test_e2e_quick_measures_http_against_the_engine_in_process(tmp_path: Path) -
     for mode in e2e_bench.MODES:
         [(_, tried)] = tp[mode]
         assert tried and all(r["sent"] > 0 for r in tried)
+        # the kept-up check read the model's forward seconds (off /metrics for the HTTP modes)
+        assert all(r["busy_s"] > 0 and r["kept_up"] == (r["busy_s"] <= 0.6) for r in tried)
     http = [r for _, tried in tp["HTTP, JPEG body"] for r in tried]
     assert all("client_cpu_s" in r and r["server_cpu_s"] >= 0 for r in http)
     assert tp["_memory"]["server_rss"] > 0
