@@ -108,6 +108,7 @@ class Engine:
             self.metrics,
             merged_cached=self.backend.merged_cached,
             grouped_path=None if self.backend.mixes else self.backend.single_task_path,
+            one_task_path=self.backend.single_task_path,
         )
         self.scheduler.start()
         self.freeze_heap()

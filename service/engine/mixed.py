@@ -190,6 +190,11 @@ class SiteTables:
             self.norms.batch, self.norms.single = batch, row
 
     @property
+    def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current batch's ``[B, W]`` scale and shift rows, every site's columns side by side."""
+        return self._scale_rows, self._shift_rows
+
+    @property
     def batch_scale(self) -> tuple[torch.Tensor, ...]:
         """The current batch's ``[B, C]`` scale rows per site."""
         return self._scale_rows.split(self.sizes, dim=1)
@@ -310,7 +315,7 @@ class MixedModel:
             else:
                 module.forward = AffineSlot(module.forward, i, site.channel_dim, self.tables)
         self.heads = HeadRunner(model)
-        self.linear_head = _linear_head_keys(model)
+        self.linear_head = linear_head_keys(model)
         # what runs ``trunk`` instead of calling it: CUDA graphs (service.engine.cuda_graphs) or the compiled
         # trunk (service.engine.compiled); every batch then goes through it, one-task batches too
         self.runner: Any = None
@@ -342,23 +347,33 @@ class MixedModel:
         return feats  # type: ignore[no-any-return]
 
     def heads_of(self, trunk: torch.Tensor, groups: list[tuple[TaskEntry, int]]) -> list[torch.Tensor]:
-        out, start = [], 0
-        if self.linear_head is not None:
-            # each group costs one small matmul on the shared pre-logits (no functional_call)
-            weight, bias = self.linear_head
-            for entry, n in groups:
-                out.append(F.linear(trunk[start : start + n], entry.head[weight], entry.head.get(bias)))
-                start += n
-            return out
-        feats = trunk
+        return run_heads(trunk, groups, self.linear_head, self.heads)
+
+
+def run_heads(
+    trunk: torch.Tensor,
+    groups: list[tuple[TaskEntry, int]],
+    linear_head: tuple[str, str] | None,
+    heads: HeadRunner,
+) -> list[torch.Tensor]:
+    """Each group's logits from the shared trunk output: one small matmul per group on the pre-logits when
+    the head is one Linear (``linear_head``: its weight and bias keys), else the head module per group with
+    the task's head tensors swapped in (``functional_call``)."""
+    out, start = [], 0
+    if linear_head is not None:
+        weight, bias = linear_head
         for entry, n in groups:
-            params = {f"model.{k}": v for k, v in entry.head.items()}
-            out.append(functional_call(self.heads, params, (feats[start : start + n],)))
+            out.append(F.linear(trunk[start : start + n], entry.head[weight], entry.head.get(bias)))
             start += n
         return out
+    for entry, n in groups:
+        params = {f"model.{k}": v for k, v in entry.head.items()}
+        out.append(functional_call(heads, params, (trunk[start : start + n],)))
+        start += n
+    return out
 
 
-def _linear_head_keys(model: nn.Module) -> tuple[str, str] | None:
+def linear_head_keys(model: nn.Module) -> tuple[str, str] | None:
     """(weight key, bias key) when everything task-specific in the head is one Linear classifier."""
     classifier = model.get_classifier()  # type: ignore[operator]
     if not isinstance(classifier, nn.Linear):

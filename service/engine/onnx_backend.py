@@ -1,8 +1,12 @@
-"""The ONNX Runtime backend: per task a session over its merged graph (``onnx_graph``), in an LRU bounded in
-bytes and keyed by (task, version). Every batch holds one task; there is no mixed path."""
+"""The ONNX Runtime backend: batches of many tasks through one mixed graph whose per-sample scale and shift
+rows are inputs (``onnx_mixed``), and per task a session over its merged graph (``onnx_graph``) for one-task
+batches, made on demand in an LRU bounded in bytes and keyed by (task, version). A backbone the mixed graph
+cannot be exported for keeps the per-task sessions only (every batch then holds one task, each session built
+when the task is installed)."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import onnxruntime as ort
@@ -14,21 +18,37 @@ from service.engine.backend import BatchPath, BatchRun
 from service.engine.merged import ByteLRU, meta_skeleton
 from service.engine.metrics import EngineMetrics
 from service.engine.onnx_graph import OnnxGraphs, new_session
+from service.engine.onnx_mixed import MixedSession
 from service.engine.residency import TaskEntry
+
+log = logging.getLogger("ssf.engine")
 
 
 class OnnxBackend:
-    mixes = False
+    mixes = False  # an instance whose mixed graph was built sets True
     single_task_path: BatchPath = "onnx"
 
     def __init__(
-        self, model: nn.Module, sites: list[ssf.Site], max_cache_bytes: int, metrics: EngineMetrics
+        self,
+        model: nn.Module,
+        sites: list[ssf.Site],
+        max_cache_bytes: int,
+        metrics: EngineMetrics,
+        mix: bool = True,
     ) -> None:
         self.device = torch.device("cpu")
         self.metrics = metrics
-        model = model.eval().requires_grad_(False)
-        self.graphs = OnnxGraphs(meta_skeleton(model), model.state_dict(), [s for s in sites if s.foldable])
+        model = model.to("cpu", torch.float32).eval().requires_grad_(False)
+        foldable = [s for s in sites if s.foldable]
+        self.graphs = OnnxGraphs(meta_skeleton(model), model.state_dict(), foldable)
         self.sessions: ByteLRU[ort.InferenceSession] = ByteLRU("onnx", max_cache_bytes, metrics)
+        self.mixed: MixedSession | None = None
+        if mix:
+            try:
+                self.mixed = MixedSession(model, foldable)
+            except Exception as e:  # noqa: BLE001 - whatever the exporter cannot trace: per-task sessions
+                log.warning("no mixed ONNX graph for this backbone, one session per task: %s", str(e)[:300])
+        self.mixes = self.mixed is not None
 
     def _build(self, entry: TaskEntry) -> tuple[ort.InferenceSession, int, float]:
         start = time.perf_counter()
@@ -39,7 +59,13 @@ class OnnxBackend:
         return session, len(data), seconds
 
     def install(self, entry: TaskEntry) -> None:
-        """Build the task's session ahead of its version number (an upload): failures surface here."""
+        """With the mixed graph: the task's rows in its tables (sessions are made on demand). Without: build
+        the task's session ahead of its version number (an upload), so failures surface here."""
+        if self.mixed is not None:
+            sites = {p: (s.float(), b.float()) for p, (s, b) in entry.delta.sites.items()}
+            entry.row = self.mixed.tables.add(sites)
+            entry.head = {k: v.float() for k, v in entry.delta.head.items()}
+            return
         session, nbytes, _ = self._build(entry)
         entry.prebuilt = (session, nbytes)
 
@@ -51,6 +77,9 @@ class OnnxBackend:
 
     def release(self, entry: TaskEntry) -> None:
         entry.prebuilt = None
+        if self.mixed is not None:
+            self.mixed.tables.release(entry.row)
+            entry.row = 0
         if entry.stored is not None:
             self.sessions.discard(entry.key)
 
@@ -58,6 +87,8 @@ class OnnxBackend:
         return entry.key in self.sessions
 
     def run(self, path: BatchPath, x: torch.Tensor, groups: list[tuple[TaskEntry, int]]) -> BatchRun:
+        if path == "mixed" and self.mixed is not None:
+            return BatchRun(self.mixed.run(x, groups))
         ((entry, _),) = groups
         merge_s = 0.0
 
@@ -72,6 +103,8 @@ class OnnxBackend:
 
     def warmup(self, example: torch.Tensor) -> None:
         self.graphs.base_session.run(["logits"], {"image": example.float().numpy()})
+        if self.mixed is not None:
+            self.mixed.warmup(example)
 
     def export_onnx(self, entry: TaskEntry) -> bytes:
         return self.graphs.merged_bytes(entry.delta)

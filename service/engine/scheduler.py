@@ -102,8 +102,8 @@ class CostModel:
             seconds if self.merge_s is None else self.merge_s + self.alpha * (seconds - self.merge_s)
         )
 
-    def merge_pays_off(self, images: int, amortize: float) -> bool:
-        mixed, merged = self.per_image_s.get("mixed"), self.per_image_s.get("merged")
+    def merge_pays_off(self, images: int, amortize: float, one_task_path: str = "merged") -> bool:
+        mixed, merged = self.per_image_s.get("mixed"), self.per_image_s.get(one_task_path)
         if mixed is None or merged is None or self.merge_s is None:
             return True  # nothing measured yet: try it, and measure
         saved = max(mixed - merged, 0.0) * images * amortize
@@ -123,10 +123,12 @@ class Scheduler:
         metrics: EngineMetrics,
         merged_cached: Callable[[TaskEntry], bool],
         grouped_path: BatchPath | None = None,
+        one_task_path: BatchPath = "merged",
     ) -> None:
         self.config, self.runner, self.executor, self.metrics = config, runner, executor, metrics
         self.merged_cached = merged_cached
         self.grouped_path = grouped_path  # set when the backend cannot mix: every batch holds one task
+        self.one_task_path = one_task_path  # a mixing backend's path for a one-task batch (its merged copy)
         self.costs = CostModel()
         self.queue: list[Pending] = []
         self.images_waiting = 0
@@ -401,7 +403,7 @@ class Scheduler:
             return self.grouped_path, self._fill(by_task[window[0].entry.key])
         policy = self.config.path_policy
         if policy == "merged":
-            return "merged", self._fill(by_task[window[0].entry.key])
+            return self.one_task_path, self._fill(by_task[window[0].entry.key])
         if policy == "auto":
             if ordered is self.queue:  # one tenant: the task with the most images waiting may go alone
                 _, group = max(by_task.items(), key=lambda kv: sum(p.n for p in kv[1]))
@@ -409,7 +411,7 @@ class Scheduler:
                 group = by_task[window[0].entry.key]  # would keep jumping another tenant's request)
             n = sum(p.n for p in group)
             if self._merged_wins(group[0].entry, n, single=len(by_task) == 1):
-                return "merged", self._fill(group)
+                return self.one_task_path, self._fill(group)
         items = self._fill(ordered)
         return "mixed", items
 
@@ -420,7 +422,7 @@ class Scheduler:
         if images >= cfg.max_batch_size:
             return True
         return images >= cfg.merged_min_batch and self.costs.merge_pays_off(
-            images, cfg.merge_amortize_batches
+            images, cfg.merge_amortize_batches, self.one_task_path
         )
 
     def _timed_run(self, path: BatchPath, items: list[Pending]) -> tuple[list[Pending], list[torch.Tensor]]:
