@@ -108,14 +108,14 @@ def paired(
 
 
 def setup(
-    model_name: str, tasks: int, onnx: bool = False
+    model_name: str, tasks: int, with_onnx: bool = False
 ) -> tuple[TorchBackend, Any, list[TaskEntry], tuple[int, ...]]:
     model = ssf.create_backbone(model_name, pretrained=False, num_classes=10).eval()
     spec = ssf.BackboneSpec.from_model(model, model_name)
     head = {k: v for k, v in model.state_dict().items() if k.startswith(spec.head_prefix + ".")}
     size = tuple(int(d) for d in ssf.sites.input_size(model))
     onnx_backend = None
-    if onnx:  # built first: the torch backend attaches its gather sites to the model
+    if with_onnx:  # built first: the torch backend attaches its gather sites to the model
         from service.engine.onnx_backend import OnnxBackend
 
         onnx_backend = OnnxBackend(model, list(spec.sites), 1 << 34, EngineMetrics())
@@ -125,15 +125,21 @@ def setup(
     entries = [random_entry(spec, head, f"task{i}", i) for i in range(tasks)]
     for e in entries:
         backend.install(e)
-    return backend, onnx_backend, entries, size
+    onnx = None
+    if onnx_backend is not None:  # the same tasks as entries of its own (a row in its own tables)
+        twins = {e.stored.name: random_entry(spec, head, e.stored.name, 0, template=e) for e in entries}
+        for t in twins.values():
+            onnx_backend.install(t)
+        onnx = (onnx_backend, twins)
+    return backend, onnx, entries, size
 
 
 def bench_model(
-    model_name: str, batches: tuple[int, ...], budget_s: float, onnx: bool, max_reps: int = 21
+    model_name: str, batches: tuple[int, ...], budget_s: float, with_onnx: bool, max_reps: int = 21
 ) -> tuple[list[dict[str, Any]], float]:
     """Rows per batch; each batch gets about ``budget_s / len(batches)`` seconds of repetitions (at least 5,
     at most ``max_reps``). Also returns the bytes one resident task's rows take in this model's tables."""
-    backend, onnx_backend, entries, size = setup(model_name, max(batches), onnx)
+    backend, onnx, entries, size = setup(model_name, max(batches), with_onnx)
     rows = []
     hot = entries[0]
     for b in batches:
@@ -145,9 +151,14 @@ def bench_model(
             "merged": partial(backend.run_merged, hot, x),
             "mixed": partial(backend.run_mixed, x, groups),
         }
-        if onnx_backend is not None:
-            onnx_backend.run("onnx", x, [(hot, b)])
-            variants["onnx"] = partial(onnx_backend.run, "onnx", x, [(hot, b)])
+        if onnx is not None:
+            onnx_backend, twins = onnx
+            hot_twin = twins[hot.stored.name]
+            onnx_backend.run("onnx", x, [(hot_twin, b)])
+            variants["onnx"] = partial(onnx_backend.run, "onnx", x, [(hot_twin, b)])
+            if onnx_backend.mixes:
+                twin_groups = [(twins[e.stored.name], n) for e, n in groups]
+                variants["onnx_mixed"] = partial(onnx_backend.run, "mixed", x, twin_groups)
         start = time.perf_counter()
         for fn in variants.values():
             fn()
@@ -354,7 +365,7 @@ def plot(rows: list[dict[str, Any]], path: Any) -> None:
 FULL = (
     ("test_vit", (1, 2, 4, 8, 16, 32, 64), 25.0, True),
     ("ssf_demo_vit", (1, 2, 4, 8, 16, 32, 64), 40.0, True),
-    ("tf_efficientnet_lite0", (1, 4, 8, 16), 40.0, False),
+    ("tf_efficientnet_lite0", (1, 4, 8, 16), 40.0, True),
     ("vit_base_patch16_224", (1, 4, 8), 45.0, False),
 )
 QUICK = (("test_vit", (1, 4), 2.0, True),)
@@ -396,18 +407,24 @@ def main(quick: bool = False) -> None:
         "fastest runs (the least disturbed by other load on the shared cores). Mixed batches hold "
         "all-distinct tasks (the worst case: every sample gathers its own rows); the mixed path is the "
         "fused one (one op per SSF site, eval BatchNorms fused with the conv feeding them; "
-        "`service/engine/fused.py`). ONNX is ONNX Runtime (CPU EP) on the same task's merged graph.",
+        "`service/engine/fused.py`). ONNX merged is ONNX Runtime (CPU EP) on the task's merged graph, "
+        "ONNX mixed the ONNX backend's mixed graph (`service/engine/onnx_mixed.py`) on the same "
+        "all-distinct batch; both against the PyTorch bare backbone, and ONNX mixed / ONNX merged (ratio "
+        "of their medians) is the ONNX backend's own mixed-path cost.",
         "",
-        "| model | batch | reps | bare ms | mixed / bare | spread | merged / bare | spread | ONNX / bare "
-        "| mixed / bare (fastest) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | batch | reps | bare ms | mixed / bare | spread | merged / bare | spread "
+        "| ONNX merged / bare | ONNX mixed / bare | ONNX mixed / ONNX merged | mixed / bare (fastest) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         onnx = f"{r['onnx']:.3f}" if "onnx" in r else "n/a"
+        onnx_mixed = f"{r['onnx_mixed']:.3f}" if "onnx_mixed" in r else "n/a"
+        own = f"{r['onnx_mixed_s'] / r['onnx_s']:.3f}" if "onnx_mixed" in r else "n/a"
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['reps']} | {r['bare_s'] * 1e3:.2f} | **{r['mixed']:.3f}** | "
             f"{r['mixed_lo']:.3f}-{r['mixed_hi']:.3f} | {r['merged']:.3f} | "
-            f"{r['merged_lo']:.3f}-{r['merged_hi']:.3f} | {onnx} | {r['mixed_min']:.3f} |"
+            f"{r['merged_lo']:.3f}-{r['merged_hi']:.3f} | {onnx} | {onnx_mixed} | {own} | "
+            f"{r['mixed_min']:.3f} |"
         )
     lines += [
         "",
