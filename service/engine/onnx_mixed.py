@@ -2,11 +2,14 @@
 
 The graph is the plain backbone with ``y * scale + shift`` after each SSF site's op, where ``scale`` and
 ``shift`` are that site's columns of two graph inputs, ``scale_rows`` and ``shift_rows`` (``[batch, sum of
-the sites' channels]``: each sample's row of the site tables, which the backend gathers). Its output is
-what all tasks share: the pre-logits when the head is one Linear (each task's Linear then runs on its own
-samples in torch, as in the torch backend's mixed path), else the features (the head runs per task).
-So a task is a row in the tables, not a session of its own; a one-task batch may still run on the task's
-merged session, which is the bare backbone's cost.
+the sites' channels]``: each sample's row of the site tables, which the backend gathers). An eval-mode
+BatchNorm and the conv site feeding it run as one per-sample affine ``x * A + C`` (the norm's statistics and
+both sites composed per task, as the torch mixed path's ``NormSlot`` does), whose rows are two more inputs,
+``norm_a`` and ``norm_c``: a conv+BN pair costs one Mul and one Add, not the five ops of the sites around an
+unfused norm. The output is what all tasks share: the pre-logits when the head is one Linear (each task's
+Linear then runs on its own samples in torch, as in the torch backend's mixed path), else the features (the
+head runs per task). So a task is a row in the tables, not a session of its own; a one-task batch may still
+run on the task's merged session, which is the bare backbone's cost.
 
 The graph is exported once with the base weights and checked against the same forward in torch on random
 rows at two batch sizes; a backbone it cannot be exported for (Swin's windows reshape the batch, say) keeps
@@ -22,9 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.layers import BatchNormAct2d
 from torch import nn
 
 import ssf
+from service.engine.fused import NormTables, plan_norms
 from service.engine.mixed import HeadRunner, SiteTables, linear_head_keys, run_heads
 from service.engine.onnx_graph import OPSET, OnnxExportError, new_session
 from service.engine.residency import TaskEntry
@@ -60,58 +65,89 @@ class _Slot:
         return y * scale + shift
 
 
+class _NormSlot:
+    """A fused BatchNorm with the sites around it: ``x * A + C`` per sample, then the norm's activation."""
+
+    def __init__(self, position: int, act: Callable[..., torch.Tensor] | None, cols: _Columns) -> None:
+        self.position, self.act, self.cols = position, act, cols
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        a, c = self.cols.site(self.position, 1, x)
+        y = x * a + c
+        return self.act(y) if self.act is not None else y
+
+
+INPUTS = ("image", "scale_rows", "shift_rows", "norm_a", "norm_c")
+
+
 class _Trunk(nn.Module):
-    def __init__(self, model: nn.Module, cols: _Columns, pre_logits: bool) -> None:
+    def __init__(self, model: nn.Module, sites: _Columns, norms: _Columns, pre_logits: bool) -> None:
         super().__init__()
-        self.model, self.cols, self.pre_logits = model, cols, pre_logits
+        self.model, self.sites, self.norms, self.pre_logits = model, sites, norms, pre_logits
 
     def forward(
-        self, image: torch.Tensor, scale_rows: torch.Tensor, shift_rows: torch.Tensor
+        self,
+        image: torch.Tensor,
+        scale_rows: torch.Tensor,
+        shift_rows: torch.Tensor,
+        norm_a: torch.Tensor,
+        norm_c: torch.Tensor,
     ) -> torch.Tensor:
-        self.cols.scale, self.cols.shift = scale_rows, shift_rows
+        self.sites.scale, self.sites.shift = scale_rows, shift_rows
+        self.norms.scale, self.norms.shift = norm_a, norm_c
         feats = self.model.forward_features(image)  # type: ignore[operator]
         if self.pre_logits:
             return self.model.forward_head(feats, pre_logits=True)  # type: ignore[operator,no-any-return]
         return feats  # type: ignore[no-any-return]
 
 
-def export_mixed(model: nn.Module, sites: list[ssf.Site], pre_logits: bool) -> bytes:
-    """The mixed graph (inputs ``image``, ``scale_rows``, ``shift_rows``; output ``features``; batch dynamic),
-    checked against the torch forward it was traced from. ``model`` is left as it was."""
-    cols = _Columns([s.channels for s in sites])
+def export_mixed(model: nn.Module, sites: list[ssf.Site], norms: dict[str, int], pre_logits: bool) -> bytes:
+    """The mixed graph (inputs ``INPUTS``, output ``features``, batch dynamic), checked against the torch
+    forward it was traced from. ``sites``: the ones applied as ``y * scale + shift``, in their columns' order;
+    ``norms``: {path: channels} of the fused BatchNorms in theirs (the conv sites they absorb have no op of
+    their own). ``model`` is left as it was."""
+    cols, norm_cols = _Columns([s.channels for s in sites]), _Columns(list(norms.values()))
     # eval before exporting: the exporter restores the mode it found, and a new module's is training (it
     # would leave every BatchNorm of the backbone in training mode)
     was_training = model.training
-    trunk = _Trunk(model, cols, pre_logits).eval()
+    trunk = _Trunk(model, cols, norm_cols, pre_logits).eval()
     saved: list[tuple[nn.Module, Any]] = []
     try:
-        for i, s in enumerate(sites):
-            module = model.get_submodule(s.apply_at)
+        slots: list[tuple[str, Any]] = [
+            (s.apply_at, lambda m, i=i, s=s: _Slot(type(m).forward.__get__(m), i, s.channel_dim, cols))
+            for i, s in enumerate(sites)
+        ]  # a site's op: the class's own forward, whatever is patched on the module
+        slots += [
+            (path, lambda m, i=i: _NormSlot(i, m.act if isinstance(m, BatchNormAct2d) else None, norm_cols))
+            for i, path in enumerate(norms)
+        ]
+        for path, make in slots:
+            module = model.get_submodule(path)
             saved.append((module, module.__dict__.get("forward")))
-            op = type(module).forward.__get__(module)  # the class's own forward, whatever is patched on it
-            module.forward = _Slot(op, i, s.channel_dim, cols)  # type: ignore[method-assign]
+            module.forward = make(module)  # type: ignore[method-assign]
         size = tuple(int(d) for d in ssf.sites.input_size(model))
         g = torch.Generator().manual_seed(0)
 
-        def example(batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            width = sum(cols.sizes)
+        def example(batch: int) -> tuple[torch.Tensor, ...]:
+            width, norm_width = sum(cols.sizes), sum(norm_cols.sizes)
             return (
                 torch.randn(batch, *size, generator=g),
                 1 + 0.1 * torch.randn(batch, width, generator=g),
                 0.1 * torch.randn(batch, width, generator=g),
+                1 + 0.1 * torch.randn(batch, norm_width, generator=g),
+                0.1 * torch.randn(batch, norm_width, generator=g),
             )
 
         buf = io.BytesIO()
-        names = ["image", "scale_rows", "shift_rows"]
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 trunk,
                 example(2),
                 buf,  # type: ignore[arg-type]
-                input_names=names,
+                input_names=list(INPUTS),
                 output_names=["features"],
-                dynamic_axes={**{n: {0: "batch"} for n in names}, "features": {0: "batch"}},
+                dynamic_axes={**{n: {0: "batch"} for n in INPUTS}, "features": {0: "batch"}},
                 opset_version=OPSET,
                 dynamo=False,
             )
@@ -133,29 +169,45 @@ def export_mixed(model: nn.Module, sites: list[ssf.Site], pre_logits: bool) -> b
     return data
 
 
-def run(session: Any, image: torch.Tensor, scale_rows: torch.Tensor, shift_rows: torch.Tensor) -> Any:
-    """The graph's features for these inputs (a backbone without sites has no row inputs)."""
-    inputs = {"image": image, "scale_rows": scale_rows, "shift_rows": shift_rows}
-    return session.run(["features"], {i.name: inputs[i.name].numpy() for i in session.get_inputs()})[0]
+def run(session: Any, *inputs: torch.Tensor) -> Any:
+    """The graph's features for ``INPUTS`` in order (the graph keeps only those it uses: a backbone without
+    BatchNorms has no norm inputs)."""
+    named = dict(zip(INPUTS, inputs, strict=True))
+    return session.run(["features"], {i.name: named[i.name].numpy() for i in session.get_inputs()})[0]
 
 
 class MixedSession:
-    """The mixed graph's session with the site tables it reads (CPU, float32) and the heads run after it."""
+    """The mixed graph's session with the tables it reads (CPU, float32) and the heads run after it."""
 
     def __init__(self, model: nn.Module, sites: list[ssf.Site]) -> None:
         self.linear_head = linear_head_keys(model)
         self.heads = HeadRunner(model)
-        self.session = new_session(export_mixed(model, sites, pre_logits=self.linear_head is not None))
-        self.tables = SiteTables(sites, torch.device("cpu"), torch.float32)
+        size = ssf.sites.input_size(model)
+        plan = plan_norms(model, sites, torch.randn(1, *size, generator=torch.Generator().manual_seed(0)))
+        fused = set(plan) | {c.path for c in plan.values() if c is not None}
+        rest = [s for s in sites if s.path not in fused]
+        cpu = torch.device("cpu")
+        self.tables = SiteTables(rest, cpu, torch.float32)
+        self.norms = NormTables(model, plan, cpu, torch.float32, self.tables.capacity) if plan else None
+        self.tables.norms = self.norms
+        channels = {p: int(model.get_submodule(p).num_features) for p in plan}  # type: ignore[arg-type]
+        self.session = new_session(export_mixed(model, rest, channels, self.linear_head is not None))
+
+    def _inputs(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.tables.gather(rows)
+        if self.norms is None:
+            empty = x.new_zeros(int(x.shape[0]), 0)
+            return (x.float(), *self.tables.gathered, empty, empty)
+        a = torch.cat([self.norms.A[p].index_select(0, rows) for p in self.norms.paths], dim=1)
+        c = torch.cat([self.norms.C[p].index_select(0, rows) for p in self.norms.paths], dim=1)
+        return (x.float(), *self.tables.gathered, a, c)
 
     def run(self, x: torch.Tensor, groups: list[tuple[TaskEntry, int]]) -> list[torch.Tensor]:
         rows = torch.tensor([entry.row for entry, n in groups for _ in range(n)], dtype=torch.long)
-        self.tables.gather(rows)
-        trunk = torch.from_numpy(run(self.session, x.float(), *self.tables.gathered))
+        trunk = torch.from_numpy(run(self.session, *self._inputs(x, rows)))
         with torch.inference_mode():
             return run_heads(trunk, groups, self.linear_head, self.heads)
 
     def warmup(self, example: torch.Tensor) -> None:
         """One forward on the identity row (the bare backbone)."""
-        self.tables.gather(torch.zeros(example.shape[0], dtype=torch.long))
-        run(self.session, example.float(), *self.tables.gathered)
+        run(self.session, *self._inputs(example, torch.zeros(example.shape[0], dtype=torch.long)))

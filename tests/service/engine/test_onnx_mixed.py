@@ -33,6 +33,11 @@ def test_the_mixed_graph_matches_the_folded_reference(family: str) -> None:
     # the export left the model as it was: no patched forward, every module still in eval mode
     assert not any("forward" in vars(m) for m in plain.modules())
     assert not any(m.training for m in plain.modules())
+    if family in ("efficientnet", "resnet"):  # every BatchNorm runs fused with its conv: x * A + C
+        norms = [
+            s for s in ssf.find_sites(plain) if isinstance(plain.get_submodule(s.path), torch.nn.BatchNorm2d)
+        ]
+        assert backend.mixed.norms is not None and len(backend.mixed.norms.paths) == len(norms) > 0
     entries = [entry(family, m, f"t{i}") for i, m in enumerate(models)]
     for e in entries:
         backend.install(e)
@@ -95,7 +100,7 @@ def test_an_export_that_disagrees_with_torch_is_refused(monkeypatch: pytest.Monk
     monkeypatch.setattr(torch.onnx, "export", export)
     plain = make("vit")
     with pytest.raises(onnx_mixed.OnnxExportError, match="differs from its torch forward"):
-        onnx_mixed.export_mixed(plain, ssf.find_sites(plain), pre_logits=True)
+        onnx_mixed.export_mixed(plain, ssf.find_sites(plain), {}, pre_logits=True)
     assert not any("forward" in vars(m) for m in plain.modules())
 
 
