@@ -19,12 +19,13 @@ def run_batch(backend: Backend, path: BatchPath, items: list[Pending]) -> BatchR
     x = torch.cat([items[i].x for i in ranked]) if len(ranked) > 1 else items[0].x
     groups = [(items[idx[0]].entry, sum(items[i].n for i in idx)) for idx in order.values()]
     run = backend.run(path, x, groups)
-    logits = torch.cat(run.outputs) if len(run.outputs) > 1 else run.outputs[0]
     answers: list[torch.Tensor] = [torch.empty(0)] * len(items)
-    start = 0
-    for i in ranked:
-        answers[i] = logits[start : start + items[i].n]
-        start += items[i].n
+    # one output per task group: its own width (tasks may differ in class count), split back per request
+    for idx, logits in zip(order.values(), run.outputs, strict=True):
+        start = 0
+        for i in idx:
+            answers[i] = logits[start : start + items[i].n]
+            start += items[i].n
     return BatchRun(answers, run.merge_s)
 
 
