@@ -51,7 +51,7 @@ from service.engine.replicas import ReplicaFollower
 from service.engine.residency import Residency, TaskEntry
 from service.engine.scheduler import Pending, Scheduler, current_lane
 from service.engine.shadow import Shadow
-from service.engine.workers import Workers
+from service.engine.workers import Workers, own_threads
 from service.settings import EngineConfig
 from service.store.base import StoredTask, StoreError, TaskHistory, TaskNotFound, TaskStore
 
@@ -85,6 +85,7 @@ class Engine:
         self.draining = False
         self._requests = 0  # predict calls between admission and answer
         self._follower: ReplicaFollower | None = None
+        self._loop_threads = 0  # the event loop thread's torch threads before start()
         self.scheduler: Scheduler  # from start() on
 
     @property
@@ -93,9 +94,14 @@ class Engine:
 
     # ------------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        if self.config.torch_threads:  # new threads (the CPU pool's) start with it; the model thread now
-            torch.set_num_threads(self.config.torch_threads)
-            await self.workers.on_model(torch.set_num_threads, self.config.torch_threads)
+        # Every forward runs on the model thread, with the configured intra-op threads (torch's default: one
+        # per core). Every other thread runs torch ops single-threaded (the CPU pool's: ``single_threaded``;
+        # the event loop's, whose top-k after each batch would otherwise start an OpenMP team of its own):
+        # with more OpenMP threads than cores libgomp stops spinning between parallel regions, and the
+        # forwards slow down by a fifth (``workers.single_threaded``).
+        self._loop_threads = torch.get_num_threads()  # given back to the event loop's thread by stop()
+        await self.workers.on_model(own_threads, self.config.torch_threads or self._loop_threads)
+        own_threads(1)
         await self.workers.on_model(self._load_backbone)
         self._follower = ReplicaFollower(self.store, self.residency, self.config.reconcile_interval_s)
         await self._follower.start()  # every stored task resident (a registry that is down: retried)
@@ -138,6 +144,8 @@ class Engine:
             await self.scheduler.stop(max(0.0, deadline - time.monotonic()))
         self.workers.shutdown()
         gc.unfreeze()  # what this engine held may be collected again
+        if self._loop_threads:
+            own_threads(self._loop_threads)
         if self.owns_store:
             await asyncio.to_thread(self.store.close)
 

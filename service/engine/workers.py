@@ -22,8 +22,28 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import torch
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+
+def own_threads(n: int) -> None:
+    """The calling thread runs torch's intra-op work on ``n`` threads. ``get_num_threads`` first: torch sets a
+    thread's count on its first parallel op from the last value set anywhere, which would undo this one."""
+    torch.get_num_threads()
+    torch.set_num_threads(n)
+
+
+def single_threaded(nice: int = 0) -> None:
+    """A helper thread (decoding, validation) runs torch ops on itself alone, so the model thread's OpenMP
+    team is the process's only one. With more OpenMP threads than cores, libgomp stops spinning between
+    parallel regions and every op of a forward wakes its sleeping workers: measured on 2 cores, one more team
+    of 2 (a decode thread's normalize is large enough to run in parallel) made ssf_demo_vit's forwards 1.2x
+    slower and its mixed path 1.10x the bare one instead of 1.04x (bench/many_tasks.py)."""
+    own_threads(1)
+    if nice:
+        lower_priority(nice)
 
 
 def lower_priority(nice: int) -> None:
@@ -87,12 +107,12 @@ class FairSlots:
 class Workers:
     def __init__(self, cpu_threads: int = 2, over_share_nice: int = 0) -> None:
         self.model = ThreadPoolExecutor(1, thread_name_prefix="ssf-model")
-        self.cpu = ThreadPoolExecutor(cpu_threads, thread_name_prefix="ssf-cpu")
+        self.cpu = ThreadPoolExecutor(cpu_threads, "ssf-cpu", initializer=single_threaded)
         self.decoding = FairSlots(cpu_threads)
         self.over_share: ThreadPoolExecutor | None = None  # Linux only: elsewhere nice is per process
         if over_share_nice and sys.platform == "linux":
             self.over_share = ThreadPoolExecutor(
-                1, "ssf-over-share", initializer=lower_priority, initargs=(over_share_nice,)
+                1, "ssf-over-share", initializer=single_threaded, initargs=(over_share_nice,)
             )
             self.over_share_decoding = FairSlots(1)
 
