@@ -76,7 +76,7 @@ class Server:
             "SSF_MAX_BATCH_SIZE": str(mt.MAX_BATCH),
             "SSF_MAX_QUEUE_DELAY_MS": str(mt.MAX_DELAY_MS),
             "SSF_MAX_QUEUE_SIZE": "8192",
-            "OMP_NUM_THREADS": str(torch.get_num_threads()),  # the same intra-op threads as in process
+            "OMP_NUM_THREADS": str(mt.threads()),  # the same intra-op threads as in process
             **(extra_env or {}),
         }
         cmd = [sys.executable, "-m", "service.cli", "--model", mt.MODEL, "--weights", str(weights)]
@@ -459,9 +459,13 @@ async def run_all(quick: bool) -> dict[str, Any]:
     from service.store import open_store
 
     res: dict[str, Any] = {"quick": quick}
-    model, spec, head = mt.make_spec(mt.MODEL)
-    x = torch.randn(1, *ssf.sites.input_size(model))
-    cap = mt.capacity(model, x, mt.MAX_BATCH, 3)
+
+    def prepare() -> tuple[Any, ...]:  # off the event loop's thread (``many_tasks.on_own_thread``)
+        model, spec, head = mt.make_spec(mt.MODEL)
+        x = torch.randn(1, *ssf.sites.input_size(model))
+        return model, spec, head, x, mt.capacity(model, x, mt.MAX_BATCH, 3)
+
+    model, spec, head, x, cap = mt.on_own_thread(prepare)
     images = jpegs(16)
     n_cold = 20 if quick else 100
     reps = 5 if quick else 10
@@ -492,6 +496,7 @@ async def run_all(quick: bool) -> dict[str, Any]:
                 pretrained=False,
                 config=EngineConfig(
                     device="cpu",
+                    torch_threads=mt.threads(),
                     max_batch_size=mt.MAX_BATCH,
                     max_queue_delay_ms=mt.MAX_DELAY_MS,
                     max_queue_size=8192,
@@ -732,8 +737,6 @@ def report(res: dict[str, Any]) -> str:
 
 
 def main(quick: bool = False) -> None:
-    threads = int(os.environ.get("BENCH_THREADS", "2"))
-    torch.set_num_threads(max(1, min(threads, torch.get_num_threads())))
     start = time.perf_counter()
     res = asyncio.run(run_all(quick))
     RESULTS.mkdir(parents=True, exist_ok=True)

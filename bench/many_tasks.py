@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ import torch
 import ssf
 from bench import loadgen
 from bench.report import RESULTS, machine_line, write_section
+from service.engine.workers import own_threads
 
 MODEL = "ssf_demo_vit"  # e2e_bench's backbone too
 P99_TARGET_S = 0.25
@@ -267,6 +269,7 @@ async def build_engine(setup: Setup, weights: Path, copy_bytes: int, deltas: lis
         pretrained=False,
         config=EngineConfig(
             device="cpu",
+            torch_threads=threads(),
             max_batch_size=setup.max_batch,
             max_queue_delay_ms=MAX_DELAY_MS,
             max_queue_size=16384,
@@ -345,20 +348,37 @@ def runner(
     return run
 
 
+def threads() -> int:
+    """Intra-op threads of every forward measured here (``BENCH_THREADS``, default 2: 1 while the shared cores
+    are busy, for debugging)."""
+    return max(1, int(os.environ.get("BENCH_THREADS", "2")))
+
+
+def on_own_thread(fn: Callable[[], Any]) -> Any:
+    """``fn()`` with ``threads()`` intra-op threads on a thread that exits afterwards, so the OpenMP team it
+    starts goes with it. The event loop's thread must run no parallel torch op before an engine starts:
+    its team would stay beside the model thread's, and with more OpenMP threads than cores libgomp stops
+    spinning between parallel regions (every forward a fifth slower, the mixed path's more ops more so)."""
+    with ThreadPoolExecutor(1, initializer=own_threads, initargs=(threads(),)) as pool:
+        return pool.submit(fn).result()
+
+
 async def measure_setup(setup: Setup, seed: int = 0) -> dict[str, Any]:
     from bench.naive_server import NaiveServer
     from service.engine.merged import MergedBuilder, meta_skeleton
 
-    model, spec, head = make_spec(setup.model)
-    size = ssf.sites.input_size(model)
-    if setup.input_px is not None:
-        size = (size[0], setup.input_px, setup.input_px)
-    x = torch.randn(1, *size)
-    deltas = [make_delta(spec, head, task_name(i), i) for i in range(setup.resident)]
-    _, copy_bytes, _ = MergedBuilder(meta_skeleton(model), dict(model.state_dict()), list(spec.sites)).build(
-        deltas[0].sites, deltas[0].head
-    )
-    cap = capacity(model, x, setup.max_batch, 5)
+    def prepare() -> tuple[Any, ...]:
+        model, spec, head = make_spec(setup.model)
+        size = ssf.sites.input_size(model)
+        if setup.input_px is not None:
+            size = (size[0], setup.input_px, setup.input_px)
+        x = torch.randn(1, *size)
+        deltas = [make_delta(spec, head, task_name(i), i) for i in range(setup.resident)]
+        builder = MergedBuilder(meta_skeleton(model), dict(model.state_dict()), list(spec.sites))
+        _, copy_bytes, _ = builder.build(deltas[0].sites, deltas[0].head)
+        return model, spec, x, deltas, copy_bytes, capacity(model, x, setup.max_batch, 5)
+
+    model, spec, x, deltas, copy_bytes, cap = on_own_thread(prepare)
     print(f"[many_tasks] {setup.model}: capacity at batch {setup.max_batch}: {cap:.0f} img/s", flush=True)
     tmp = tempfile.TemporaryDirectory(prefix="ssf-bench-")
     engine = await build_engine(setup, save_weights(model, Path(tmp.name)), copy_bytes, deltas)
@@ -387,6 +407,7 @@ async def measure_setup(setup: Setup, seed: int = 0) -> dict[str, Any]:
                 NAIVE_K,
                 setup.max_batch,
                 MAX_DELAY_MS,
+                threads(),
             )
             server.start()
             target: Any = NaiveTarget(server, [task_name(i) for i in range(cell.tasks)], x)
@@ -724,8 +745,6 @@ def run_loop(coro: Any) -> Any:
 
 
 def main(quick: bool = False) -> None:
-    threads = int(os.environ.get("BENCH_THREADS", "2"))  # 1 while the shared cores are busy (debugging)
-    torch.set_num_threads(max(1, min(threads, torch.get_num_threads())))
     start = time.perf_counter()
     results = run_loop(run_grid(quick))
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from torch import nn
 
 import ssf
 from service.engine.merged import MergedBuilder, meta_skeleton
+from service.engine.workers import own_threads
 
 
 @dataclass(eq=False)
@@ -39,6 +40,7 @@ class NaiveServer:
         capacity: int,
         max_batch_size: int = 32,
         max_queue_delay_ms: float = 5.0,
+        threads: int = 1,
     ) -> None:
         model = model.eval().requires_grad_(False)
         self.base = dict(model.state_dict())
@@ -53,7 +55,8 @@ class NaiveServer:
         self.forward_s = 0.0
         self.queue: list[_Req] = []
         self._wakeup = asyncio.Event()
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="naive-model")
+        # its forwards on ``threads`` intra-op threads, as the engine's model thread
+        self._thread = ThreadPoolExecutor(1, "naive-model", initializer=own_threads, initargs=(threads,))
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:

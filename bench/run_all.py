@@ -5,11 +5,11 @@ The wall time of each is printed at the end, so a run that outgrows the budget s
 
 from __future__ import annotations
 
-import importlib
+import subprocess
 import sys
 import time
 
-from bench.report import assemble
+from bench.report import ROOT, assemble
 
 # Each module exposes main(quick: bool) and writes its own section under bench/results/.
 BENCHMARKS = [
@@ -29,16 +29,13 @@ def main() -> int:
     times: dict[str, float] = {}
     for name in BENCHMARKS:
         start = time.perf_counter()
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            print(f"[bench] {name}: not available ({e})", flush=True)
-            continue
-        try:
-            module.main(quick=quick)
-        except Exception as e:  # one broken benchmark must not hide the others' numbers
+        # each in a process of its own: what one leaves behind (OpenMP teams of the threads that ran its
+        # forwards, allocator state, the heap it froze) must not slow the next
+        code = f"import {name} as b; b.main(quick={quick})"
+        rc = subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode
+        if rc != 0:  # one broken benchmark must not hide the others' numbers
             failed.append(name)
-            print(f"[bench] {name} FAILED: {type(e).__name__}: {e}", flush=True)
+            print(f"[bench] {name} FAILED (exit {rc})", flush=True)
         times[name] = time.perf_counter() - start
         print(f"[bench] {name}: {times[name]:.0f}s", flush=True)
     print(assemble())
