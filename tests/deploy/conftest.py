@@ -25,8 +25,15 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def open_topology(tmp: Path, weights: Path) -> Topology:
-    # reconcile-driven behaviour is what we test: no batching delay, a short drain
-    env = {"SSF_MAX_QUEUE_DELAY_MS": "1", "SSF_DRAIN_DELAY_S": "1", "SSF_GRACEFUL_TIMEOUT_S": "10"}
+    # reconcile-driven behaviour is what we test: no batching delay, a short drain. The replicas share this
+    # host's cores, so each gets one intra-op thread: two 2-thread OpenMP teams on 2 cores stall each other's
+    # barriers (measured: replace propagation p99 1.2-2.1 s with torch's default, 0.07-0.09 s with one each)
+    env = {
+        "SSF_MAX_QUEUE_DELAY_MS": "1",
+        "SSF_DRAIN_DELAY_S": "1",
+        "SSF_GRACEFUL_TIMEOUT_S": "10",
+        "SSF_TORCH_THREADS": "1",
+    }
     return Topology(tmp, weights, MODEL, replicas=2, admin_token=TOKEN, replica_env=env)
 
 
