@@ -208,6 +208,42 @@ def profile_batch1(model_name: str, reps: int = 50) -> dict[str, Any]:
     }
 
 
+OP_ROLES = {  # what the mixed path runs each op for, where it runs more of them than the bare one
+    "aten::addcmul": ": each site's multiply-add over its activation",
+    "aten::addmm": ": one head per task in the batch",
+    "aten::index_select": ": the batch's rows gathered",
+}
+
+
+def op_time(model_name: str, batch: int, reps: int = 20) -> dict[str, Any]:
+    """Where the mixed path's extra time goes at ``batch`` (all-distinct tasks): torch.profiler's self CPU
+    time per op and forward, bare against mixed, and the ops whose time grew most."""
+    from torch.profiler import ProfilerActivity, profile
+
+    backend, _, entries, size = setup(model_name, batch)
+    x = torch.randn(batch, *size)
+    groups = [(entries[i], 1) for i in range(batch)]
+    variants = {"bare": lambda: backend.run_bare(x), "mixed": lambda: backend.run_mixed(x, groups)}
+    per_op: dict[str, dict[str, float]] = {}
+    for name, fn in variants.items():
+        for _ in range(3):
+            fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(reps):
+                fn()
+        for ev in prof.key_averages():
+            per_op.setdefault(ev.key, {"bare": 0.0, "mixed": 0.0})[name] = ev.self_cpu_time_total / reps
+    bare_us = sum(v["bare"] for v in per_op.values())
+    grown = sorted(((v["mixed"] - v["bare"], k) for k, v in per_op.items()), reverse=True)
+    return {
+        "model": model_name,
+        "batch": batch,
+        "bare_us": bare_us,
+        "mixed_us": sum(v["mixed"] for v in per_op.values()),
+        "grown": [(k, us) for us, k in grown[:3] if us > 0],
+    }
+
+
 def merge_seconds(model_name: str, reps: int) -> dict[str, Any]:
     """Median ms of one merged copy built fresh (new tensors) and built into an evicted copy's tensors (what
     the engine's LRU does once it is full), interleaved; and the copy-bandwidth floor of that traffic."""
@@ -293,7 +329,10 @@ def goals(rows: list[dict[str, Any]], merges: list[dict[str, Any]]) -> list[str]
 
 
 def causes(
-    rows: list[dict[str, Any]], merges: list[dict[str, Any]], profiles: list[dict[str, Any]]
+    rows: list[dict[str, Any]],
+    merges: list[dict[str, Any]],
+    profiles: list[dict[str, Any]],
+    times: list[dict[str, Any]] | None = None,
 ) -> list[str]:
     """The measured cause of every miss, from this run's own numbers."""
     lines = []
@@ -318,6 +357,17 @@ def causes(
             "(test_vit: 64 channels, 101 tokens)."
             + (f" Every batch measured met both goals for {', '.join(met_all)}." if met_all else "")
         )
+        for t in times or []:
+            lines.append(
+                f"Op time of {t['model']} at batch {t['batch']} (torch.profiler, self CPU per forward): bare "
+                f"{t['bare_us'] / 1e3:.2f} ms, mixed {t['mixed_us'] / 1e3:.2f} ms "
+                f"({t['mixed_us'] / max(t['bare_us'], 1e-9):.3f}x); what grew most: "
+                + ", ".join(
+                    f"`{k}` +{us:.0f} us ({100 * us / t['bare_us']:.1f}%{OP_ROLES.get(k, '')})"
+                    for k, us in t["grown"]
+                )
+                + "."
+            )
     vitb = next((m for m in merges if m["model"] == "vit_base_patch16_224"), None)
     if vitb and vitb["reused_ms"] > 50:
         mb = f"{vitb['copy_mb']:.0f} MB"
@@ -442,7 +492,9 @@ def main(quick: bool = False) -> None:
         f"{m['reused_spread'][1]:.1f}) | {m['floor_ms']:.1f} | {m['copy_mb']:.1f} | {m['base_mb']:.1f} |"
         for m in merges
     ]
-    lines += ["", *goals(rows, merges), *causes(rows, merges, profiles)]
+    missed_from8 = [r for r in rows if r["batch"] >= 8 and r["mixed"] > 1.05]
+    times = [op_time(r["model"], r["batch"], 5 if quick else 20) for r in missed_from8[:2]]
+    lines += ["", *goals(rows, merges), *causes(rows, merges, profiles, times)]
     lines += scale_lines(scale, cold, row_bytes)
     for prof in profiles:
         lines += [
