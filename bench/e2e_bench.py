@@ -152,11 +152,12 @@ def categorize(path: Path) -> dict[str, float]:
     return {**{k: v / max(total, 1) for k, v in counts.items()}, "_samples": float(total)}
 
 
-def model_seconds(registry: Any) -> float:
-    """Seconds the engine's model thread spent in forwards so far (every path), from its registry."""
+def model_seconds(families: Any) -> float:
+    """Seconds the engine's model thread spent in forwards so far (every path), from its metric families:
+    ``registry.collect()`` in process, or a server's ``GET /metrics`` parsed."""
     return sum(
         s.value
-        for m in registry.collect()
+        for m in families
         if m.name == "ssf_engine_batch_seconds"
         for s in m.samples
         if s.name == "ssf_engine_batch_seconds_sum"
@@ -164,26 +165,9 @@ def model_seconds(registry: Any) -> float:
 
 
 def model_seconds_http(url: str) -> float:
-    """The same, read off a server's ``GET /metrics``."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(url + "/metrics", timeout=10).text
-    return sum(
-        s.value
-        for m in text_string_to_metric_families(text)
-        if m.name == "ssf_engine_batch_seconds"
-        for s in m.samples
-        if s.name == "ssf_engine_batch_seconds_sum"
-    )
-
-
-async def engine_drained(engine: Any) -> None:
-    """Until the scheduler has nothing queued or running (bounded: 30 s), so its seconds are all counted."""
-    sched = engine.scheduler
-    for _ in range(3000):
-        if not sched.queue and not sched.busy:
-            return
-        await asyncio.sleep(0.01)
+    return model_seconds(text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text))
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -373,11 +357,11 @@ async def throughput(
         return await engine.scheduler.submit(entries[t], x, time.monotonic() + 30)
 
     async def local(send: Any, rate: float, seed: int) -> dict[str, Any]:
-        cpu0, busy0 = time.process_time(), model_seconds(engine.metrics.registry)
+        cpu0, busy0 = time.process_time(), model_seconds(engine.metrics.registry.collect())
         r = await loadgen.open_loop(send, rate, duration, seed, mt.P99_TARGET_S)
-        await engine_drained(engine)
+        await mt.drain(engine)  # so the backlog's forward seconds are counted too
         r["server_cpu_s"] = time.process_time() - cpu0  # engine + generator: one process
-        return kept_up(r, model_seconds(engine.metrics.registry) - busy0)
+        return kept_up(r, model_seconds(engine.metrics.registry.collect()) - busy0)
 
     runners = {
         "HTTP, JPEG body": lambda rate, seed: over_http(server, load, rate, seed),

@@ -199,6 +199,15 @@ def capacity(model: torch.nn.Module, x1: torch.Tensor, batch: int, reps: int) ->
 
 
 # -------------------------------------------------------------------------------------- servers
+async def drain(engine: Any) -> None:
+    """Until the engine's scheduler has nothing queued or running (bounded: 30 s)."""
+    sched = engine.scheduler
+    for _ in range(3000):
+        if not sched.queue and not sched.busy:
+            return
+        await asyncio.sleep(0.01)
+
+
 class EngineTarget:
     def __init__(self, engine: Any, x: torch.Tensor) -> None:
         self.engine, self.x = engine, x
@@ -225,11 +234,7 @@ class EngineTarget:
         return out
 
     async def drain(self) -> None:
-        sched = self.engine.scheduler
-        for _ in range(3000):  # bounded: 30 s
-            if not sched.queue and not sched.busy:
-                return
-            await asyncio.sleep(0.01)
+        await drain(self.engine)
 
 
 class NaiveTarget:

@@ -99,6 +99,18 @@ def plan_norms(model: nn.Module, sites: list[ssf.Site], example: torch.Tensor) -
     return plan
 
 
+def split_fused(
+    model: nn.Module, sites: list[ssf.Site], device: torch.device, dtype: torch.dtype
+) -> tuple[dict[str, ssf.Site | None], list[ssf.Site]]:
+    """The BatchNorm sites that run fused (``plan_norms`` on a seeded example) and the sites left to apply
+    one by one: every site that is neither such a norm nor the conv one absorbs."""
+    size = ssf.sites.input_size(model)
+    example = torch.randn(1, *size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    plan = plan_norms(model, sites, example)
+    fused = set(plan) | {c.path for c in plan.values() if c is not None}
+    return plan, [s for s in sites if s.path not in fused]
+
+
 class NormTables:
     """Per task, every fused norm's ``A`` and ``C`` rows: two ``[T, C]`` tables per norm, sharing row numbers
     with ``SiteTables`` (grown with it). An unused row holds the norm's own ``a, c`` (the bare norm)."""

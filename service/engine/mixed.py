@@ -24,7 +24,7 @@ from service.engine.fused import (
     NormSlot,
     NormTables,
     foldable_layer_norm,
-    plan_norms,
+    split_fused,
 )
 
 if TYPE_CHECKING:
@@ -289,13 +289,7 @@ class MixedModel:
     ) -> None:
         self.model = model
         self.sites = sites
-        plan: dict[str, ssf.Site | None] = {}
-        if fuse_norms:
-            size = ssf.sites.input_size(model)
-            example = torch.randn(1, *size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-            plan = plan_norms(model, sites, example)
-        fused = set(plan) | {c.path for c in plan.values() if c is not None}
-        rest = [s for s in sites if s.path not in fused]
+        plan, rest = split_fused(model, sites, device, dtype) if fuse_norms else ({}, sites)
         folded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for s in rest:  # LayerNorm sites: one-task batches run the norm with the folded row (LayerNormSlot)
             norm = model.get_submodule(s.path)

@@ -34,7 +34,6 @@ class OnnxBackend:
         sites: list[ssf.Site],
         max_cache_bytes: int,
         metrics: EngineMetrics,
-        mix: bool = True,
     ) -> None:
         self.device = torch.device("cpu")
         self.metrics = metrics
@@ -43,11 +42,10 @@ class OnnxBackend:
         self.graphs = OnnxGraphs(meta_skeleton(model), model.state_dict(), foldable)
         self.sessions: ByteLRU[ort.InferenceSession] = ByteLRU("onnx", max_cache_bytes, metrics)
         self.mixed: MixedSession | None = None
-        if mix:
-            try:
-                self.mixed = MixedSession(model, foldable)
-            except Exception as e:  # noqa: BLE001 - whatever the exporter cannot trace: per-task sessions
-                log.warning("no mixed ONNX graph for this backbone, one session per task: %s", str(e)[:300])
+        try:
+            self.mixed = MixedSession(model, foldable)
+        except Exception as e:  # noqa: BLE001 - whatever the exporter cannot trace: per-task sessions
+            log.warning("no mixed ONNX graph for this backbone, one session per task: %s", str(e)[:300])
         self.mixes = self.mixed is not None
 
     def _build(self, entry: TaskEntry) -> tuple[ort.InferenceSession, int, float]:

@@ -29,7 +29,7 @@ from timm.layers import BatchNormAct2d
 from torch import nn
 
 import ssf
-from service.engine.fused import NormTables, plan_norms
+from service.engine.fused import NormTables, split_fused
 from service.engine.mixed import HeadRunner, SiteTables, linear_head_keys, run_heads
 from service.engine.onnx_graph import OPSET, OnnxExportError, new_session
 from service.engine.residency import TaskEntry
@@ -182,11 +182,8 @@ class MixedSession:
     def __init__(self, model: nn.Module, sites: list[ssf.Site]) -> None:
         self.linear_head = linear_head_keys(model)
         self.heads = HeadRunner(model)
-        size = ssf.sites.input_size(model)
-        plan = plan_norms(model, sites, torch.randn(1, *size, generator=torch.Generator().manual_seed(0)))
-        fused = set(plan) | {c.path for c in plan.values() if c is not None}
-        rest = [s for s in sites if s.path not in fused]
         cpu = torch.device("cpu")
+        plan, rest = split_fused(model, sites, cpu, torch.float32)
         self.tables = SiteTables(rest, cpu, torch.float32)
         self.norms = NormTables(model, plan, cpu, torch.float32, self.tables.capacity) if plan else None
         self.tables.norms = self.norms
