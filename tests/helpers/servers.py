@@ -47,12 +47,17 @@ def start(
     **settings: object,
 ) -> Server:
     """``module`` serving ``weights`` (a test_vit backbone) on ``store`` (default: a directory in ``tmp``),
-    with the admin ``TOKEN``, no drain delay, a 1 ms batching delay and ``settings`` as ``SSF_*``; returns
+    with the admin ``TOKEN``, no drain delay, a 1 ms batching delay, one torch thread and ``settings`` as
+    ``SSF_*``; returns
     once ``/readyz`` (``/healthz`` with ``wait_ready=False``) answers 200."""
     port = port or free_port()
     log = tmp / f"server-{port}-{time.monotonic_ns()}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSF_")}
     env.update({"SSF_ADMIN_TOKEN": TOKEN, "SSF_DRAIN_DELAY_S": "0", "SSF_MAX_QUEUE_DELAY_MS": "1"})
+    # tests run several servers (and their load) on this host's cores at once: one intra-op thread each, as
+    # deploy/ gives replicas sharing a machine; torch's default (every core per process) lets the OpenMP
+    # teams of two busy servers stall each other's barriers, delaying a replica's following by seconds
+    env["SSF_TORCH_THREADS"] = "1"
     env.update({f"SSF_{k.upper()}": str(v) for k, v in settings.items()})
     cmd = [sys.executable, "-m", module, "--model", MODEL, "--weights", str(weights)]
     cmd += ["--store", store or str(tmp / "store"), "--device", "cpu", "--port", str(port)]

@@ -255,8 +255,11 @@ def test_rollback_is_atomic_under_load(pair: Pair) -> None:
                 until += BOUND_S  # the other replica learns of the next change within the bound
             if sent <= a.ended and a.started <= until:
                 allowed.add(v)
-        if a.version not in allowed:
-            bad.append((a.source, a.started, a.ended, a.version, allowed))
+        if a.version not in allowed:  # the last change acknowledged before it started, and how long before
+            last = max((c for c in changes if c[1] <= a.started), key=lambda c: c[1])
+            where = "this replica" if last[3] == a.source else "the other replica"
+            late = f"{a.started - last[1]:.3f} s after v{last[2]} was acknowledged by {where}"
+            bad.append((a.source, a.version, sorted(allowed), late))
     assert not bad, f"{len(bad)} answers named a version not current while in flight: {bad[:5]}"
     # the replica that promoted answers with the new version from the acknowledgement on
     for _sent, acked, v, via in changes[1:]:
