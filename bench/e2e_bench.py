@@ -303,11 +303,12 @@ async def memory(
 # 300,000: about a millisecond or more); in a server whose event loop competes for the GIL they spin often
 SPIN = "10000"
 SPIN_MODE = f"HTTP, JPEG body, server with GOMP_SPINCOUNT={SPIN}"
-MODES = {  # name -> rate bracket, times the bare backbone's capacity at max batch
-    "HTTP, JPEG body": (0.1, 0.9),
-    SPIN_MODE: (0.1, 0.9),
-    "in process, JPEG bytes": (0.1, 0.9),
-    "in process, tensors": (0.5, 1.1),
+MODES = {  # name -> (lowest rate bisected when latency binds, first overload rate), times the bare
+    # backbone's capacity at max batch
+    "HTTP, JPEG body": (0.1, 1.1),
+    SPIN_MODE: (0.1, 1.1),
+    "in process, JPEG bytes": (0.1, 1.1),
+    "in process, tensors": (0.5, 1.3),
 }
 
 
@@ -326,7 +327,7 @@ async def throughput(
     import random
 
     duration = 0.6 if quick else 2.5
-    steps = 3 if quick else 5
+    steps = 2 if quick else 3
     repeats = 1 if quick else 3  # two left 17-22 % between repeats of one mode
     entries = [engine.residency.entries[n] for n in names]
     rng = random.Random(0)
@@ -337,9 +338,20 @@ async def throughput(
     spin_load.setup(spin_server.url, requests)
 
     def kept_up(r: dict[str, Any], busy_s: float) -> dict[str, Any]:
-        # as in bench.many_tasks: the model busy for no longer than the window, backlog included, or a
-        # window shorter than target / overload passes a rate the server does not sustain
+        # the model's forward seconds in the run, backlog included (reported; what the server sustains is
+        # the saturation run's question, loadgen.capacity_at_target)
         r["busy_s"], r["kept_up"] = busy_s, busy_s <= duration
+        return r
+
+    settle = duration / 4
+
+    async def saturate_http(load: loadgen.RemoteLoad, rate: float, seed: int) -> dict[str, Any]:
+        r = await load.run(rate, duration, seed, math.inf, early_stop=False)
+        return loadgen.saturation(r, duration, settle)
+
+    async def saturate_local(send: Any, rate: float, seed: int) -> dict[str, Any]:
+        r = await loadgen.saturated(send, rate, duration, seed, settle)
+        await mt.drain(engine)
         return r
 
     async def over_http(server: Server, load: loadgen.RemoteLoad, rate: float, seed: int) -> dict[str, Any]:
@@ -369,6 +381,12 @@ async def throughput(
         "in process, JPEG bytes": lambda rate, seed: local(inproc_bytes, rate, seed),
         "in process, tensors": lambda rate, seed: local(inproc_tensor, rate, seed),
     }
+    saturators = {
+        "HTTP, JPEG body": lambda rate, seed: saturate_http(load, rate, seed),
+        SPIN_MODE: lambda rate, seed: saturate_http(spin_load, rate, seed),
+        "in process, JPEG bytes": lambda rate, seed: saturate_local(inproc_bytes, rate, seed),
+        "in process, tensors": lambda rate, seed: saturate_local(inproc_tensor, rate, seed),
+    }
     for warm in runners.values():  # warm-up: connections, merged copies, decoders
         await warm(20.0, 1)
     results: dict[str, Any] = {name: [] for name in runners}
@@ -385,13 +403,22 @@ async def throughput(
                     await asyncio.sleep(0.2)  # let the queues drain
                     return r
 
+                async def saturate(rate: float, name: str = name) -> dict[str, Any]:
+                    seq[0] += 1
+                    r: dict[str, Any] = await saturators[name](rate, seq[0])
+                    await asyncio.sleep(0.2)
+                    return r
+
                 lo, hi = MODES[name]
-                best, tried = await loadgen.search_rate(run, lo * cap, hi * cap, steps, mt.P99_TARGET_S)
+                sat, best, tried = await loadgen.capacity_at_target(
+                    run, saturate, hi * cap, mt.P99_TARGET_S, steps, lo * cap
+                )
                 results[name].append((best, tried))
                 b = best or {}
                 print(
                     f"[e2e] #{rep} {name}: {b.get('throughput', 0):.0f} img/s at p99 "
-                    f"{b.get('p99', 0) * 1e3:.0f} ms (tried "
+                    f"{b.get('p99', 0) * 1e3:.0f} ms (saturated {sat['throughput']:.0f} at "
+                    f"{sat['rate']:.0f} offered; tried "
                     + ", ".join(
                         f"{r['rate']:.0f}:{r['p99'] * 1e3:.0f}ms" + ("" if r["kept_up"] else " busy")
                         for r in tried
@@ -550,20 +577,24 @@ def report(res: dict[str, Any]) -> str:
     def best(name: str) -> float:
         return statistics.median(b["throughput"] if b else 0.0 for b, _ in tp[name])
 
-    ratio = best("HTTP, JPEG body") / max(best("in process, JPEG bytes"), 1e-9)
+    def paired(num: str, den: str) -> tuple[float, float]:
+        """The median over repeats of num / den measured in the same repeat (the modes of one repeat run
+        back to back, so a host that slows down between repeats moves both alike), and the spread (max -
+        min) / median of those per-repeat ratios."""
+        ratios = [
+            (a["throughput"] if a else 0.0) / max(b["throughput"] if b else 0.0, 1e-9)
+            for (a, _), (b, _) in zip(tp[num], tp[den], strict=True)
+        ]
+        mid = statistics.median(ratios)
+        return mid, (max(ratios) - min(ratios)) / mid if mid > 0 and len(ratios) > 1 else 0.0
 
-    def spread(name: str) -> float:
-        values = [b["throughput"] if b else 0.0 for b, _ in tp[name]]
-        mid = statistics.median(values)
-        return (max(values) - min(values)) / mid if mid > 0 and len(values) > 1 else 0.0
-
-    noise = max(spread("HTTP, JPEG body"), spread("in process, JPEG bytes"))
+    ratio, noise = paired("HTTP, JPEG body", "in process, JPEG bytes")
     undecided = noise > 0 and abs(ratio - 0.8) < noise * ratio
     verdict = ("yes" if ratio >= 0.8 else "no") + (
-        f" (inside the {100 * noise:.0f}% spread of repeats: undecided)" if undecided else ""
+        f" (inside the {100 * noise:.0f}% spread of the per-repeat ratios: undecided)" if undecided else ""
     )
-    ratio_t = best("in process, JPEG bytes") / max(best("in process, tensors"), 1e-9)
-    ratio_spin = best(SPIN_MODE) / max(best("in process, JPEG bytes"), 1e-9)
+    ratio_t, _ = paired("in process, JPEG bytes", "in process, tensors")
+    ratio_spin, _ = paired(SPIN_MODE, "in process, JPEG bytes")
     mem = res["memory"]
     pts = mem["points"]
     per100 = (pts[-1][1] - pts[0][1]) / max(pts[-1][0], 1) * 100
@@ -642,10 +673,12 @@ def report(res: dict[str, Any]) -> str:
     mem_http = tp.get("_memory", {}).get("server_rss", 0)
     lines += [
         "",
-        "A rate passes when its p99 meets the target, nothing is lost and the model kept up: its forwards "
-        "(`ssf_engine_batch_seconds`, read off the server's `/metrics` or the engine's registry) took no "
-        "longer than the window, so a backlog that drains within the target after the last arrival does "
-        "not pass.",
+        "Throughput at the target as in the many-task section (`loadgen.capacity_at_target`): the "
+        "server's saturated throughput (answers completed after the first quarter of a window offered more "
+        "than it sustains, for HTTP counted by the generator process), then a run at 97% of it that must "
+        "meet the p99 target with nothing lost (stepping down 4% a run, then bisecting, while it misses). "
+        "A rate above the saturated throughput is not sustained however short the window; one below it "
+        "is.",
         "",
         "CPU ms per request: the server process's user + system time (all its threads: uvicorn, the "
         "decode pool, the model thread) over the median repeat's passing run, divided by its requests; for "
@@ -654,7 +687,8 @@ def report(res: dict[str, Any]) -> str:
         "",
         "| goal | target | result | met |",
         "|---|---|---|---|",
-        "| HTTP (JPEG) / in-process engine (JPEG bytes), throughput at the p99 target | >= 0.8 | "
+        "| HTTP (JPEG) / in-process engine (JPEG bytes), throughput at the p99 target (median of the "
+        "per-repeat ratios) | >= 0.8 | "
         f"{ratio:.2f} | {verdict} |",
         f"| the same, server started with GOMP_SPINCOUNT={SPIN} (a deployment setting, not a default) | "
         f"(no goal) | {ratio_spin:.2f} | - |",

@@ -129,6 +129,102 @@ async def open_loop(
     }
 
 
+def meets(r: dict[str, Any], target: float) -> bool:
+    """p99 at the target with nothing lost (the latency half of ``passes``, for rates already known to be
+    below what the server sustains)."""
+    return r["p99"] <= target and r["done"] == r["sent"] and not r["stopped_early"]
+
+
+CONFIRM = 0.97  # capacity_at_target's first rate, as a fraction of the saturated throughput
+
+
+def saturation(r: dict[str, Any], duration_s: float, settle_s: float) -> dict[str, Any]:
+    """The throughput of an open-loop run offered more than the server sustains: the answers completed
+    between ``settle_s`` (its queue filling, its batches growing) and the last arrival, per second of the
+    span they were completed in (errors and unanswered requests not counted). ``saturated`` is False when
+    that is within 3% of the offered rate: the server kept up, and the rate was too low to measure it."""
+    ends = sorted(a + v for a, v in zip(r["arrivals_s"], r["latencies_s"], strict=True) if v is not None)
+    inside = [e for e in ends if settle_s <= e <= duration_s]
+    # from the first completion counted to the last, not over the whole span: a batching server answers
+    # in bursts, and a span's edges would otherwise add or drop up to one batch (5% of a one-second count)
+    counted = sum(1 for e in inside if e > inside[0] + 1e-3) if inside else 0
+    span = inside[-1] - inside[0] if len(inside) > 1 else 0.0
+    throughput = counted / span if counted and span > 0 else len(inside) / max(duration_s - settle_s, 1e-9)
+    return {
+        "rate": r["rate"],
+        "throughput": throughput,
+        "saturated": throughput < 0.97 * r["rate"],
+        "counted": counted,
+        "done": r["done"],
+        "sent": r["sent"],
+    }
+
+
+async def saturated(
+    send: Callable[[int], Awaitable[Any]],
+    rate: float,
+    duration_s: float,
+    seed: int = 0,
+    settle_s: float = 0.0,
+) -> dict[str, Any]:
+    """``saturation`` of a run at ``rate`` (meant to be above what the server sustains) for ``duration_s``:
+    no early stop, and every answer awaited."""
+    r = await open_loop(send, rate, duration_s, seed, slo_s=math.inf, grace_s=60.0, early_stop=False)
+    return saturation(r, duration_s, settle_s)
+
+
+OVERLOAD = 1.25  # a saturation run offers at least this much more than the server answers
+
+
+async def overload(saturate: Callable[[float], Awaitable[dict[str, Any]]], rate: float) -> dict[str, Any]:
+    """``saturate(rate)``, run again (at most twice) at 1.4x the throughput it measured while that was
+    within ``OVERLOAD`` of the offered rate: with a smaller excess the queue grows too slowly for batches to
+    reach their largest within the window, and the count would measure smaller batches' speed."""
+    sat = await saturate(rate)
+    for _ in range(2):
+        if sat["throughput"] * OVERLOAD <= sat["rate"]:
+            break
+        sat = await saturate(1.4 * sat["throughput"])
+    return sat
+
+
+async def capacity_at_target(
+    run: Callable[[float], Awaitable[dict[str, Any]]],
+    saturate: Callable[[float], Awaitable[dict[str, Any]]],
+    rate: float,
+    target: float,
+    steps: int,
+    lo: float = 0.0,
+    confirm: float = CONFIRM,
+) -> tuple[dict[str, Any], dict[str, Any] | None, list[dict[str, Any]]]:
+    """The highest rate the server sustains with p99 at ``target``, from its saturated throughput: measured
+    under overload from ``rate`` (``overload``: raised until 25% above what is answered), then a run at
+    ``confirm`` of it that must meet the target with nothing lost. A rate above the saturated throughput
+    cannot be sustained (the queue grows for as long as it lasts) and one below it can, so the result is
+    within ``1 - confirm`` of the limit, from one continuous count instead of a bisection's pass/fail coin
+    flips at the edge. When latency binds before capacity, the confirming rate steps down 4% a run for
+    ``steps`` runs, then is bisected between ``lo`` and the last missed rate for ``steps`` more. Returns
+    (saturation run, best passing run or None, runs tried)."""
+    sat = await overload(saturate, rate)
+    tried: list[dict[str, Any]] = []
+    hi = confirm * sat["throughput"]
+    for k in range(max(steps, 1)):
+        r = await run(hi * 0.96**k)
+        tried.append(r)
+        if meets(r, target):
+            return sat, r, tried
+    hi, best = tried[-1]["rate"], None
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        r = await run(mid)
+        tried.append(r)
+        if meets(r, target):
+            lo, best = mid, r
+        else:
+            hi = mid
+    return sat, best, tried
+
+
 def passes(r: dict[str, Any], target: float) -> bool:
     """p99 at the target, nothing lost, and (where the caller measured it, ``kept_up``) the server busy for
     no longer than the window: a short window otherwise passes an overload whose backlog drains within the

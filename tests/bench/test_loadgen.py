@@ -1,6 +1,7 @@
 """The open-loop generator and the rate search (bench/loadgen.py): exact offered counts, latency from the
-scheduled arrival, the early stop of an overloaded run, the bisection, and the HTTP client in its own
-process against a real ssf-serve."""
+scheduled arrival, the early stop of an overloaded run, the bisection, the saturated throughput of a
+batching server and the capacity at a p99 target read from it, and the HTTP client in its own process
+against a real ssf-serve."""
 
 from __future__ import annotations
 
@@ -78,6 +79,75 @@ def test_a_run_whose_server_fell_behind_fails_even_within_its_p99() -> None:
 
     best, _ = asyncio.run(loadgen.search_rate(run, 50.0, 250.0, 6, 0.25))
     assert best is not None and sustained - 200 / 2**6 <= best["rate"] <= sustained
+
+
+class BatchServer:
+    """A dynamic-batching server of known capacity: every ``period_s`` it answers up to ``batch`` of the
+    requests waiting (``batch / period_s`` a second at most), like the engine's scheduler at full load."""
+
+    def __init__(self, batch: int, period_s: float) -> None:
+        self.batch, self.period_s = batch, period_s
+        self.waiting: list[asyncio.Future[None]] = []
+        self.wake = asyncio.Event()
+
+    async def send(self, i: int) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append(future)
+        self.wake.set()
+        await future
+
+    async def serve(self) -> None:
+        while True:
+            if not self.waiting:
+                self.wake.clear()
+                await self.wake.wait()
+            taken, self.waiting = self.waiting[: self.batch], self.waiting[self.batch :]
+            await asyncio.sleep(self.period_s)  # the forward: the same time whatever the batch
+            for f in taken:
+                f.set_result(None)
+
+
+def test_saturated_counts_the_server_at_its_limit_and_says_when_it_kept_up() -> None:
+    async def go() -> tuple[dict[str, object], dict[str, object]]:
+        server = BatchServer(8, 0.01)  # at most 800 a second
+        worker = asyncio.create_task(server.serve())
+        over = await loadgen.saturated(server.send, 2000.0, 1.0, settle_s=0.25)
+        under = await loadgen.saturated(server.send, 300.0, 1.0, settle_s=0.25)
+        worker.cancel()
+        return over, under
+
+    over, under = asyncio.run(go())
+    assert over["saturated"] and 480 <= over["throughput"] <= 800  # type: ignore[operator]
+    assert over["done"] == over["sent"] == 2000  # every answer was awaited: nothing left queued
+    assert not under["saturated"] and under["throughput"] == pytest.approx(300, rel=0.1)
+
+
+def test_capacity_at_target_confirms_below_saturation_and_bisects_when_latency_binds() -> None:
+    calls: list[float] = []
+
+    async def saturate(rate: float) -> dict[str, object]:  # the server sustains 500/s
+        calls.append(rate)
+        return {"rate": rate, "throughput": min(rate, 500.0), "saturated": rate > 500 / 0.97}
+
+    def runner(p99_at: float) -> object:
+        async def run(rate: float) -> dict[str, object]:  # p99 grows with the rate
+            return {"rate": rate, "sent": 10, "done": 10, "p99": p99_at * rate / 100, "stopped_early": False}
+
+        return run
+
+    sat, best, tried = asyncio.run(loadgen.capacity_at_target(runner(0.01), saturate, 300.0, 0.25, 3))  # type: ignore[arg-type]
+    # raised to 1.4x what it answered while that was within 25% of the offer (at most twice)
+    assert calls == pytest.approx([300.0, 420.0, 588.0])
+    assert sat["throughput"] == 500.0 and best is tried[0] and best["rate"] == pytest.approx(485.0)
+    # latency binds just below saturation (p99 0.25 s at 473/s): the confirming rate steps down 4% a run
+    sat, best, tried = asyncio.run(loadgen.capacity_at_target(runner(0.0529), saturate, 900.0, 0.25, 3))  # type: ignore[arg-type]
+    assert [r["rate"] for r in tried] == pytest.approx([485.0, 465.6])
+    assert best is tried[-1]
+    # far below it (p99 0.25 s at 250/s): three steps down miss, then bisection between lo and the last
+    sat, best, tried = asyncio.run(loadgen.capacity_at_target(runner(0.1), saturate, 900.0, 0.25, 3, lo=100))  # type: ignore[arg-type]
+    ladder = [485.0, 465.6, 446.976]
+    assert [r["rate"] for r in tried] == pytest.approx([*ladder, 273.488, 186.744, 230.116])
+    assert best is not None and best["rate"] == pytest.approx(230.116)
 
 
 @pytest.mark.e2e
