@@ -105,7 +105,7 @@ def full_setups() -> list[Setup]:
             16,
             1.0,
             1000,
-            2.5,
+            2.0,
             3,
             lite,
             note="input 128 px (CPU budget; 224 is its own size), max batch 16, 1,000 tasks resident "

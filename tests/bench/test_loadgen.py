@@ -139,6 +139,9 @@ def test_capacity_at_target_confirms_below_saturation_and_bisects_when_latency_b
     # raised to 1.4x what it answered while that was within 25% of the offer (at most twice)
     assert calls == pytest.approx([300.0, 420.0, 588.0])
     assert sat["throughput"] == 500.0 and best is tried[0] and best["rate"] == pytest.approx(485.0)
+    calls.clear()  # an offer far above it is brought down to 1.4x what was answered
+    asyncio.run(loadgen.capacity_at_target(runner(0.01), saturate, 2000.0, 0.25, 3))  # type: ignore[arg-type]
+    assert calls == pytest.approx([2000.0, 700.0])
     # latency binds just below saturation (p99 0.25 s at 473/s): the confirming rate steps down 4% a run
     sat, best, tried = asyncio.run(loadgen.capacity_at_target(runner(0.0529), saturate, 900.0, 0.25, 3))  # type: ignore[arg-type]
     assert [r["rate"] for r in tried] == pytest.approx([485.0, 465.6])
