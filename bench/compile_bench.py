@@ -84,7 +84,7 @@ def main(quick: bool = False) -> None:
         "compiles (batch 1, then the dynamic batch) before the server is ready.",
     ]
     for name in ("test_vit",) if quick else MODELS:
-        rows, compile_s = measure(name, (1, 8) if quick else BATCHES, 3 if quick else 7)
+        rows, compile_s = measure(name, (1, 8) if quick else BATCHES, 3 if quick else 5)
         lines += [
             "",
             f"### {name} (compile {compile_s:.1f} s)",

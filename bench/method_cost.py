@@ -113,7 +113,7 @@ def _status_kib(field: str) -> int:
 
 
 def measure(quick: bool) -> dict[str, dict[str, float]]:
-    batch, reps = (8, 3) if quick else (32, 5)
+    batch, reps = (8, 3) if quick else (32, 4)
     x, y = torch.randn(batch, 3, 64, 64), torch.randint(0, 10, (batch,))
     models = {row: build(row, 10) for row in ROWS}
     results: dict[str, dict[str, list[float]]] = {r: {"train": [], "infer": []} for r in ROWS}

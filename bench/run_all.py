@@ -1,6 +1,6 @@
 """`make bench`: every CPU benchmark in sequence, then BENCHMARKS.md. Budget: under 15 minutes on 2 cores
-(about: engine_bench 3 min, compile_bench 2.5, method_cost 2, many_tasks 5, e2e_bench 2.5; gpu_bench skips
-without CUDA).
+(about: engine_bench 2.5 min, compile_bench 1, method_cost 1.5, many_tasks 6.5, e2e_bench 3.3; gpu_bench
+skips without CUDA).
 The wall time of each is printed at the end, so a run that outgrows the budget says which one did."""
 
 from __future__ import annotations
