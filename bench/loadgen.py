@@ -214,16 +214,30 @@ async def capacity_at_target(
         tried.append(r)
         if meets(r, target):
             return sat, r, tried
-    hi, best = tried[-1]["rate"], None
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        r = await run(mid)
-        tried.append(r)
-        if meets(r, target):
-            lo, best = mid, r
-        else:
-            hi = mid
+    _, _, best = await bisect(run, lo, tried[-1]["rate"], steps, lambda r: meets(r, target), tried)
     return sat, best, tried
+
+
+async def bisect(
+    run: Callable[[float], Awaitable[dict[str, Any]]],
+    lo: float,
+    hi: float,
+    steps: int,
+    ok: Callable[[dict[str, Any]], bool],
+    tried: list[dict[str, Any]],
+    best: dict[str, Any] | None = None,
+) -> tuple[float, float, dict[str, Any] | None]:
+    """``steps`` runs halving [lo, hi] toward the highest rate whose run is ``ok`` (each appended to
+    ``tried``); the bracket left and the best ``ok`` run (``best`` when none was)."""
+    for _ in range(steps):
+        rate = (lo + hi) / 2
+        r = await run(rate)
+        tried.append(r)
+        if ok(r):
+            lo, best = rate, r
+        else:
+            hi = rate
+    return lo, hi, best
 
 
 def passes(r: dict[str, Any], target: float) -> bool:
@@ -245,16 +259,8 @@ async def search_rate(
     lost): ``steps`` runs leave a bracket of (hi - lo) / 2**steps. When every rate passed, it climbs in
     steps of (hi - lo) / 2 until one fails (at most ``steps`` more runs); when none did, the rate keeps
     halving below ``lo`` (``floor_steps`` more runs)."""
-    best: dict[str, Any] | None = None
     tried: list[dict[str, Any]] = []
-    for _ in range(steps):
-        rate = (lo + hi) / 2
-        r = await run(rate)
-        tried.append(r)
-        if passes(r, target):
-            lo, best = rate, r
-        else:
-            hi = rate
+    lo, hi, best = await bisect(run, lo, hi, steps, lambda r: passes(r, target), tried)
     climb = (hi - lo) * 2 ** (steps - 1)  # half the first bracket
     for _ in range(steps if all(passes(r, target) for r in tried) else 0):
         # every rate passed: the limit lies above the bracket, so climb until one fails, then bisect twice
@@ -263,15 +269,7 @@ async def search_rate(
         if passes(r, target):
             lo, best = lo + climb, r
             continue
-        hi = lo + climb
-        for _ in range(2):
-            rate = (lo + hi) / 2
-            r = await run(rate)
-            tried.append(r)
-            if passes(r, target):
-                lo, best = rate, r
-            else:
-                hi = rate
+        lo, hi, best = await bisect(run, lo, lo + climb, 2, lambda r: passes(r, target), tried, best)
         break
     rate = lo
     for _ in range(floor_steps if best is None else 0):
