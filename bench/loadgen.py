@@ -138,28 +138,6 @@ def meets(r: dict[str, Any], target: float) -> bool:
 CONFIRM = 0.97  # capacity_at_target's first rate, as a fraction of the saturated throughput
 
 
-def saturation(r: dict[str, Any], duration_s: float, settle_s: float) -> dict[str, Any]:
-    """The throughput of an open-loop run offered more than the server sustains: the answers completed
-    between ``settle_s`` (its queue filling, its batches growing) and the last arrival, per second of the
-    span they were completed in (errors and unanswered requests not counted). ``saturated`` is False when
-    that is within 3% of the offered rate: the server kept up, and the rate was too low to measure it."""
-    ends = sorted(a + v for a, v in zip(r["arrivals_s"], r["latencies_s"], strict=True) if v is not None)
-    inside = [e for e in ends if settle_s <= e <= duration_s]
-    # from the first completion counted to the last, not over the whole span: a batching server answers
-    # in bursts, and a span's edges would otherwise add or drop up to one batch (5% of a one-second count)
-    counted = sum(1 for e in inside if e > inside[0] + 1e-3) if inside else 0
-    span = inside[-1] - inside[0] if len(inside) > 1 else 0.0
-    throughput = counted / span if counted and span > 0 else len(inside) / max(duration_s - settle_s, 1e-9)
-    return {
-        "rate": r["rate"],
-        "throughput": throughput,
-        "saturated": throughput < 0.97 * r["rate"],
-        "counted": counted,
-        "done": r["done"],
-        "sent": r["sent"],
-    }
-
-
 async def saturated(
     send: Callable[[int], Awaitable[Any]],
     rate: float,
@@ -167,10 +145,19 @@ async def saturated(
     seed: int = 0,
     settle_s: float = 0.0,
 ) -> dict[str, Any]:
-    """``saturation`` of a run at ``rate`` (meant to be above what the server sustains) for ``duration_s``:
-    no early stop, and every answer awaited."""
+    """The throughput of an open-loop run at ``rate``, meant to be more than the server sustains
+    (``overload`` keeps it so): the answers completed between ``settle_s`` (its queue filling, its batches
+    growing) and the last arrival, per second of the span they were completed in (errors and unanswered
+    requests not counted). No early stop; every answer is awaited."""
     r = await open_loop(send, rate, duration_s, seed, slo_s=math.inf, grace_s=60.0, early_stop=False)
-    return saturation(r, duration_s, settle_s)
+    ends = sorted(a + v for a, v in zip(r["arrivals_s"], r["latencies_s"], strict=True) if v is not None)
+    inside = [e for e in ends if settle_s <= e <= duration_s]
+    # from the first completion counted to the last, not over the whole span: a batching server answers
+    # in bursts, and a span's edges would otherwise add or drop up to one batch (5% of a one-second count)
+    counted = sum(1 for e in inside if e > inside[0] + 1e-3) if inside else 0
+    span = inside[-1] - inside[0] if len(inside) > 1 else 0.0
+    throughput = counted / span if counted and span > 0 else len(inside) / max(duration_s - settle_s, 1e-9)
+    return {"rate": rate, "throughput": throughput, "counted": counted, "done": r["done"], "sent": r["sent"]}
 
 
 OVERLOAD = (1.25, 1.6)  # a saturation run offers this much more than the server answers

@@ -48,8 +48,7 @@ def start(
 ) -> Server:
     """``module`` serving ``weights`` (a test_vit backbone) on ``store`` (default: a directory in ``tmp``),
     with the admin ``TOKEN``, no drain delay, a 1 ms batching delay, one torch thread and ``settings`` as
-    ``SSF_*``; returns
-    once ``/readyz`` (``/healthz`` with ``wait_ready=False``) answers 200."""
+    ``SSF_*``; returns once ``/readyz`` (``/healthz`` with ``wait_ready=False``) answers 200."""
     port = port or free_port()
     log = tmp / f"server-{port}-{time.monotonic_ns()}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSF_")}
