@@ -60,7 +60,9 @@ class EngineConfig(BaseModel):
     request_timeout_s: float = Field(
         default=30.0, gt=0, description="deadline of a request, body read included"
     )
-    merged_min_batch: int = Field(default=8, ge=1, description="images of one task that make a merged batch")
+    merged_min_batch: int = Field(
+        default=8, ge=1, description="images a one-task queue needs before its merged copy is built"
+    )
     merge_amortize_batches: float = Field(
         default=4.0, ge=0, description="how many batches a new merged copy is expected to serve"
     )

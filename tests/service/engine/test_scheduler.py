@@ -171,9 +171,11 @@ def test_choose_mixes_the_long_tail_in_arrival_order() -> None:
     assert path == "mixed" and [p.entry.name for p in items] == ["a", "b", "c", "a"]
 
 
-def test_choose_merges_a_task_with_enough_waiting_when_the_merge_pays_off() -> None:
+def test_choose_builds_a_copy_for_a_lone_task_when_the_merge_pays_off() -> None:
     s = _scheduler()
-    s.queue = [_pending("b", 1), *[_pending("a", 1) for _ in range(5)]]
+    s.queue = [_pending("a", 1) for _ in range(3)]
+    assert s.choose()[0] == "mixed"  # alone, but fewer than merged_min_batch images: not worth a build
+    s.queue = [_pending("a", 1) for _ in range(5)]
     path, items = s.choose()  # nothing measured yet: try the merge and measure it
     assert path == "merged" and {p.entry.name for p in items} == {"a"} and len(items) == 5
     s.costs.observe("mixed", 1.0, 100)  # 10 ms an image mixed
@@ -182,6 +184,18 @@ def test_choose_merges_a_task_with_enough_waiting_when_the_merge_pays_off() -> N
     assert s.choose()[0] == "mixed"
     s.costs.merge_s = 0.001  # a 1 ms merge does (5 images x 0.1 ms x 4 batches it will serve)
     assert s.choose()[0] == "merged"
+
+
+def test_choose_never_shrinks_a_batch_to_run_one_task_merged() -> None:
+    s = _scheduler(cached={"a"})
+    s.costs.observe("mixed", 1.0, 100)
+    s.costs.observe("merged", 0.5, 100)  # merged at half the mixed cost, and a's copy is warm
+    s.queue = [_pending("b", 1), *[_pending("a", 1) for _ in range(5)], _pending("c", 2)]
+    path, items = s.choose()  # a's 5 images beside 3 others: one mixed forward of 8, not 5 then 3
+    assert path == "mixed" and len(items) == 7
+    s.queue = [_pending("b", 1), *[_pending("a", 1) for _ in range(9)]]
+    path, items = s.choose()  # a fills a batch on its own: merged, and b waits for the next
+    assert path == "merged" and {p.entry.name for p in items} == {"a"} and len(items) == 8
 
 
 def test_choose_uses_a_cached_copy_and_always_merges_a_full_batch() -> None:
