@@ -271,19 +271,45 @@ async def search_rate(
 
 # ------------------------------------------------------------------------- HTTP, in its own process
 class Pool:
-    """Keep-alive HTTP/1.1 connections to one host; a request takes an idle one or opens a new one."""
+    """Keep-alive HTTP/1.1 connections to one host; a request takes an idle one or opens a new one.
+
+    The server closes a connection that stays idle longer than its keep-alive timeout (``ssf-serve``:
+    ``SSF_KEEP_ALIVE_S``, 75 s), which happens between the runs of a benchmark that interleaves several
+    servers. Such connections are dropped before reuse (their reader has seen EOF), and a request whose
+    reused connection closes before any byte of an answer (a close racing the reuse) is sent once more on a
+    new connection, as HTTP clients do (urllib3, aiohttp): the server never read it. Without this, every
+    request of a run fell on a dead connection and the run counted as a failure at any rate."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self.opened = 0
+        self.resent = 0
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        self.opened += 1
+        return await asyncio.open_connection(self.host, self.port)
+
+    def _take_idle(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        while self.idle:
+            reader, writer = self.idle.pop()
+            if not reader.at_eof() and not writer.is_closing():
+                return reader, writer
+            writer.close()  # the server closed it while it was idle
+        return None
 
     async def request(self, raw: bytes) -> int:
-        if self.idle:
-            reader, writer = self.idle.pop()
-        else:
-            reader, writer = await asyncio.open_connection(self.host, self.port)
-            self.opened += 1
+        conn = self._take_idle()
+        if conn is not None:
+            try:
+                return await self._exchange(*conn, raw)
+            except (ConnectionError, asyncio.IncompleteReadError) as e:
+                if isinstance(e, asyncio.IncompleteReadError) and e.partial:
+                    raise  # the server answered in part: a real failure, not a stale connection
+                self.resent += 1
+        return await self._exchange(*await self._open(), raw)
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes) -> int:
         try:
             writer.write(raw)
             head = await reader.readuntil(b"\r\n\r\n")
@@ -304,11 +330,14 @@ class Pool:
         return status
 
     async def warm(self, n: int) -> None:
-        """Open ``n`` keep-alive connections before a run (as wrk does), so the run measures requests,
-        not a burst of connection setups at its start."""
+        """``n`` open keep-alive connections before a run (as wrk does), so the run measures requests, not
+        a burst of connection setups at its start; the ones the server closed since are replaced."""
+        alive = []
+        while (conn := self._take_idle()) is not None:
+            alive.append(conn)
+        self.idle = alive
         while len(self.idle) < n:
-            self.idle.append(await asyncio.open_connection(self.host, self.port))
-            self.opened += 1
+            self.idle.append(await self._open())
 
     def close(self) -> None:
         for _, writer in self.idle:
@@ -335,6 +364,7 @@ async def serve_commands() -> None:
     loop = asyncio.get_running_loop()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     pool: Pool | None = None
+    connections = 0
     raws: list[bytes] = []
     while line := await reader.readline():
         cmd = json.loads(line)
@@ -344,7 +374,8 @@ async def serve_commands() -> None:
             pool = Pool(host, int(port))
             bodies = [bytes.fromhex(b) for b in s["bodies"]]
             raws = [build_request(host, p, bodies[b], ct, s.get("headers")) for p, ct, b in s["requests"]]
-            await pool.warm(s.get("connections", 0))
+            connections = s.get("connections", 0)
+            await pool.warm(connections)
             out: dict[str, Any] = {"ok": True}
         elif "run" in cmd and pool is not None:
             c, p = cmd["run"], pool
@@ -359,6 +390,8 @@ async def serve_commands() -> None:
                 if status != 200:
                     raise RuntimeError(f"HTTP {status}")
 
+            await p.warm(connections)  # the server may have closed idle ones since the last run
+            resent0 = p.resent
             ru0 = resource.getrusage(resource.RUSAGE_SELF)
             early = c.get("early_stop", True)
             out = await open_loop(send, c["rate"], c["duration"], c["seed"], c["slo_s"], early_stop=early)
@@ -366,6 +399,7 @@ async def serve_commands() -> None:
             out["statuses"] = statuses
             out["client_cpu_s"] = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
             out["connections"] = pool.opened
+            out["resent"] = pool.resent - resent0
             out = {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in out.items()}
         else:
             out = {"error": f"unknown command {sorted(cmd)}"}

@@ -6,6 +6,7 @@ against a real ssf-serve."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -156,20 +157,70 @@ def test_capacity_at_target_confirms_below_saturation_and_bisects_when_latency_b
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
 def test_the_http_generator_process_drives_a_real_server(tmp_path: Path) -> None:
-    server = servers.start(tmp_path, backbone_file("vit", tmp_path))
+    server = servers.start(tmp_path, backbone_file("vit", tmp_path), keep_alive_s=1)
     try:
         assert servers.upload(server.url, task_delta("cats", 1)).status_code == 201
         load = loadgen.RemoteLoad()
         try:
-            load.setup(server.url, [("/tasks/cats/predict", "image/jpeg", encode("JPEG", 1))])
+            jpeg = [("/tasks/cats/predict", "image/jpeg", encode("JPEG", 1))]
+            load.setup(server.url, jpeg, connections=3)
             ok = asyncio.run(load.run(20.0, 1.0, 1, 2.0))
+            time.sleep(2.5)  # the server closes the idle keep-alive connections (SSF_KEEP_ALIVE_S=1)
+            after_idle = asyncio.run(load.run(20.0, 1.0, 3, 2.0))
             load.setup(server.url, [("/tasks/nope/predict", "image/png", encode("PNG", 2))])
             missing = asyncio.run(load.run(20.0, 1.0, 2, 2.0))
         finally:
             load.close()
         assert ok["sent"] == ok["done"] == 20 and ok["errors"] == 0, ok
-        assert ok["client_cpu_s"] > 0 and ok["connections"] >= 1 and loadgen.passes(ok, 2.0)
+        assert ok["client_cpu_s"] > 0 and ok["connections"] >= 3 and loadgen.passes(ok, 2.0)
+        assert after_idle["sent"] == after_idle["done"] == 20 and after_idle["errors"] == 0, after_idle
+        assert after_idle["connections"] >= ok["connections"] + 3  # the closed ones were replaced
         assert missing["errors"] >= 1 and missing["first_error"] == "RuntimeError('HTTP 404')"
         assert missing["stopped_early"] and not loadgen.passes(missing, 2.0)
     finally:
         servers.stop(server)
+
+
+def test_the_pool_resends_once_when_a_reused_connection_closes_before_answering() -> None:
+    """A keep-alive close racing the reuse (the server read nothing) is resent on a new connection; a
+    connection the server closed while idle is dropped before reuse; a partial answer is a failure."""
+    answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+    mode = {"second": "close"}
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served = 0
+        while await reader.readuntil(b"\r\n\r\n"):
+            if served == 1 and mode["second"] == "close":
+                break  # the second request on a connection: closed unanswered, as a keep-alive timeout would
+            if served == 1 and mode["second"] == "partial":
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-le")
+                break
+            writer.write(answer)
+            await writer.drain()
+            served += 1
+        writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pool = loadgen.Pool("127.0.0.1", port)
+        raw = loadgen.build_request("127.0.0.1", "/", b"x", "text/plain")
+        assert await pool.request(raw) == 200 and pool.opened == 1
+        assert await pool.request(raw) == 200  # its connection closed unanswered: resent on a new one
+        assert pool.opened == 2 and pool.resent == 1
+        await pool.warm(2)
+        for reader, _ in pool.idle:
+            reader.feed_eof()  # as when the server's close of an idle connection has been read
+        opened = pool.opened
+        assert await pool.request(raw) == 200 and pool.resent == 1  # both dropped before reuse, not resent
+        assert pool.opened == opened + 1 and len(pool.idle) == 1
+        mode["second"] = "partial"
+        pool.idle.clear()
+        assert await pool.request(raw) == 200
+        with pytest.raises(asyncio.IncompleteReadError):
+            await pool.request(raw)
+        pool.close()
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(scenario())
