@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ class Engine:
         self._requests = 0  # predict calls between admission and answer
         self._follower: ReplicaFollower | None = None
         self._loop_threads = 0  # the event loop thread's torch threads before start()
+        self._switch_interval = 0.0  # the interpreter's switch interval before start()
         self.scheduler: Scheduler  # from start() on
 
     @property
@@ -100,6 +102,10 @@ class Engine:
         # with more OpenMP threads than cores libgomp stops spinning between parallel regions, and the
         # forwards slow down by a fifth (``workers.single_threaded``).
         self._loop_threads = torch.get_num_threads()  # given back to the event loop's thread by stop()
+        # The model thread releases the interpreter lock inside every op and needs it back after; while the
+        # event loop holds it (parsing a request), it would wait up to the switch interval each time.
+        self._switch_interval = sys.getswitchinterval()  # given back by stop()
+        sys.setswitchinterval(self.config.gil_switch_interval_ms / 1000)
         await self.workers.on_model(own_threads, self.config.torch_threads or self._loop_threads)
         own_threads(1)
         await self.workers.on_model(self._load_backbone)
@@ -144,6 +150,8 @@ class Engine:
             await self.scheduler.stop(max(0.0, deadline - time.monotonic()))
         self.workers.shutdown()
         gc.unfreeze()  # what this engine held may be collected again
+        if self._switch_interval:
+            sys.setswitchinterval(self._switch_interval)
         if self._loop_threads:
             own_threads(self._loop_threads)
         if self.owns_store:

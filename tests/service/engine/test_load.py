@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import random
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from service.engine.engine import Engine
@@ -65,6 +67,18 @@ def test_torch_threads_bounds_the_forward_and_the_decoding_threads(weights_dir: 
         assert (model, cpu) == (1, 1)
 
     run(engine, scenario)
+
+
+def test_the_engine_sets_the_switch_interval_while_it_runs_and_gives_it_back(weights_dir: Path) -> None:
+    """SSF_GIL_SWITCH_INTERVAL_MS: how long the model thread may wait for the interpreter lock after an op
+    while the event loop holds it."""
+    before = sys.getswitchinterval()
+
+    async def scenario(engine: Engine) -> None:
+        assert sys.getswitchinterval() == pytest.approx(0.0015)
+
+    run(vit_engine(weights_dir, gil_switch_interval_ms=1.5), scenario)
+    assert sys.getswitchinterval() == before
 
 
 def test_the_heap_is_frozen_while_the_engine_runs(weights_dir: Path) -> None:
