@@ -415,8 +415,8 @@ def plot(rows: list[dict[str, Any]], path: Any) -> None:
 FULL = (
     ("test_vit", (1, 2, 4, 8, 16, 32, 64), 20.0, True),
     ("ssf_demo_vit", (1, 2, 4, 8, 16, 32, 64), 30.0, True),
-    ("tf_efficientnet_lite0", (1, 4, 8, 16), 30.0, True),
-    ("vit_base_patch16_224", (1, 4, 8), 35.0, False),
+    ("tf_efficientnet_lite0", (1, 4, 8, 16), 25.0, True),
+    ("vit_base_patch16_224", (1, 4, 8), 30.0, False),
 )
 QUICK = (("test_vit", (1, 4), 2.0, True),)
 

@@ -6,10 +6,12 @@ the same engine, interleaved (every repeat of every cell in a shuffled order, so
 cores lands on different cells). Each request is one pre-decoded 1-image tensor handed to the engine's
 scheduler (``engine.scheduler.submit``), so the numbers isolate serving (decoding and HTTP are measured in
 ``e2e_bench``). Arrivals are open loop (``bench.loadgen``: latency from the scheduled arrival; every run
-offers exactly its rate). For each cell the rate is bisected for the highest one whose p99 meets the
-backbone's target. Policies:
+offers exactly its rate). For each cell, the throughput at the backbone's p99 target comes from the
+server's saturated throughput, confirmed by a run at 97% of it (``loadgen.capacity_at_target``); each repeat
+of a cell is paired with a saturation run of the single task just before it. Policies:
 
-- ``hybrid``: the engine's ``auto`` path choice (merged copy when one task fills a batch, else mixed);
+- ``hybrid``: the engine's ``auto`` path choice (a task's merged copy when it fills a batch or is all that
+  waits, else mixed);
 - ``merged``: ``path_policy='merged'`` (one task per batch, merged copies in the byte-bounded LRU);
 - ``mixed``: ``path_policy='mixed'`` (every batch through the gather sites);
 - ``naive``: ``bench.naive_server`` - an LRU of K full per-task models, a copy built from the delta on a
@@ -85,7 +87,7 @@ class Setup:
 def full_setups() -> list[Setup]:
     vit = (
         Cell(1, "single", "hybrid", 3),
-        *(Cell(n, p, "hybrid", 3) for n in (10, 100) for p in POPULARITY),
+        *(Cell(n, p, "hybrid", 2) for n in (10, 100) for p in POPULARITY),
         Cell(1000, "zipf1.0", "hybrid", 4),
         Cell(10_000, "zipf1.0", "hybrid", 3),
         Cell(1000, "zipf1.0", "mixed"),
@@ -105,7 +107,7 @@ def full_setups() -> list[Setup]:
             16,
             1.0,
             1000,
-            2.0,
+            1.5,
             3,
             lite,
             note="input 128 px (CPU budget; 224 is its own size), max batch 16, 1,000 tasks resident "

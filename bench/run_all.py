@@ -1,6 +1,7 @@
-"""`make bench`: every CPU benchmark in sequence, then BENCHMARKS.md. Budget: under 15 minutes on 2 cores
-(about: engine_bench 2.5 min, compile_bench 1, method_cost 1.5, many_tasks 6.5, e2e_bench 3.3; gpu_bench
-skips without CUDA).
+"""`make bench`: every CPU benchmark in sequence, then BENCHMARKS.md. Budget: 15 minutes on 2 cores (on a
+2-vCPU AMD EPYC host, 2026-12-01: engine_bench 2.4 min, compile_bench 1.1 (2.8 with a cold inductor cache,
+the first run on a machine), method_cost 1.9, many_tasks 7.2, e2e_bench 2.9, total 15.7; gpu_bench skips
+without CUDA).
 The wall time of each is printed at the end, so a run that outgrows the budget says which one did."""
 
 from __future__ import annotations
