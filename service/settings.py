@@ -113,8 +113,8 @@ class EngineConfig(BaseModel):
         le=100,
         description="the interpreter's thread switch interval while the engine runs (Python's default 5 ms). "
         "The model thread takes the interpreter lock back after every op; while the event loop parses "
-        "requests it waited up to this long each time (bench/e2e_bench.py: 0.5 ms served 5-11% more over "
-        "HTTP at the p99 target than 5 ms)",
+        "requests it waited up to this long each time (HTTP at the p99 target on 2 shared cores: +5-11% "
+        "against 5 ms in three paired repeats, -4% in a fourth; in process within the host's noise)",
     )
     over_share_nice: int = Field(
         default=19,
