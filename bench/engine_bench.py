@@ -411,7 +411,7 @@ def plot(rows: list[dict[str, Any]], path: Any) -> None:
     fig.savefig(path, dpi=110)
 
 
-# (model, batches, seconds of repetitions, ONNX column): about 4 minutes in all on 2 cores
+# (model, batches, seconds of repetitions, ONNX column): about 2.5 minutes in all on 2 cores
 FULL = (
     ("test_vit", (1, 2, 4, 8, 16, 32, 64), 20.0, True),
     ("ssf_demo_vit", (1, 2, 4, 8, 16, 32, 64), 30.0, True),

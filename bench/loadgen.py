@@ -391,7 +391,6 @@ async def serve_commands() -> None:
                     raise RuntimeError(f"HTTP {status}")
 
             await p.warm(connections)  # the server may have closed idle ones since the last run
-            resent0 = p.resent
             ru0 = resource.getrusage(resource.RUSAGE_SELF)
             early = c.get("early_stop", True)
             out = await open_loop(send, c["rate"], c["duration"], c["seed"], c["slo_s"], early_stop=early)
@@ -399,7 +398,6 @@ async def serve_commands() -> None:
             out["statuses"] = statuses
             out["client_cpu_s"] = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
             out["connections"] = pool.opened
-            out["resent"] = pool.resent - resent0
             out = {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in out.items()}
         else:
             out = {"error": f"unknown command {sorted(cmd)}"}
