@@ -43,13 +43,14 @@ def test_b_loses_nothing_while_a_is_refused(results: list[dict[str, Any]]) -> No
 def test_b_waits_for_about_the_batch_in_progress_not_for_a_backlog(results: list[dict[str, Any]]) -> None:
     """Beside A, fair order runs B's request next: B waits for A's batch in progress (half a batch on
     average) and for its own burst, not behind A's queue. Measured in mean batch times from the server's
-    ``ssf_tenant_queue_wait_seconds``: 0.75-1.06 here against 1.52-1.85 with the scheduler before its sleeper
-    credit (5 runs each, side by side). B's p99 against its p99 alone, the issue's 1.5x, is measured over
-    longer windows by bench/fairness.py (BENCHMARKS.md); in these 6 s windows it is the 2nd-slowest of about
-    110 requests (1.6-2.2x here, 2.8-3.4x before). The median of three repeats: one host stall of a second
-    in a 6 s window moves one run's mean wait by half a batch or more (seen on a 2-core host: 1.54 batches,
-    B's p99 5x alone, in 2 of 5 single runs)."""
+    ``ssf_tenant_queue_wait_seconds``, single 6 s runs on a 2-core host, side by side: 0.89-1.35 (15 runs;
+    the CI host 0.90-1.41) against 1.66-2.13 with the scheduler's sleeper credit removed
+    (``BURST_BATCHES = 0``, 6 runs); a first-come-first-served queue would put B behind A's 16 queued
+    batches. The bound sits between the two. The median of three repeats: one host stall of a second in a
+    6 s window moves one run's mean wait by half a batch or more. B's p99 against its p99 alone, the
+    issue's 1.5x, is measured over longer windows by bench/fairness.py (BENCHMARKS.md); in these 6 s
+    windows it is the 2nd-slowest of about 110 requests (1.8-3.3x here)."""
     waits = [batches_waited(r["b_with_a"]) for r in results]
     waited = statistics.median(waits)
     ratios = [r["b_with_a"]["p99_ms"] / r["b_alone"]["p99_ms"] for r in results]
-    assert waited <= 1.25, f"B waited {waits} batches beside A (p99 {ratios}x alone): {results}"
+    assert waited <= 1.5, f"B waited {waits} batches beside A (p99 {ratios}x alone): {results}"
