@@ -306,11 +306,13 @@ SWITCH_DEFAULT_MS = "5"
 SWITCH_MODE = (
     f"HTTP, JPEG body, server with SSF_GIL_SWITCH_INTERVAL_MS={SWITCH_DEFAULT_MS} (Python's default)"
 )
+TENSOR_MODE = "in process, tensors"
+DIAGNOSTIC = (SWITCH_MODE, TENSOR_MODE)  # rows measured in the first repeat only
 MODES = {  # name -> rate bracket, times the bare backbone's capacity at max batch
     "HTTP, JPEG body": (0.1, 0.9),
     SWITCH_MODE: (0.1, 0.9),
     "in process, JPEG bytes": (0.1, 0.9),
-    "in process, tensors": (0.5, 1.1),
+    TENSOR_MODE: (0.5, 1.1),
 }
 
 
@@ -373,7 +375,7 @@ async def throughput(
         "HTTP, JPEG body": lambda rate, seed: over_http(server, load, rate, seed),
         SWITCH_MODE: lambda rate, seed: over_http(switch_server, switch_load, rate, seed),
         "in process, JPEG bytes": lambda rate, seed: local(inproc_bytes, rate, seed),
-        "in process, tensors": lambda rate, seed: local(inproc_tensor, rate, seed),
+        TENSOR_MODE: lambda rate, seed: local(inproc_tensor, rate, seed),
     }
     for warm in runners.values():  # warm-up: connections, merged copies, decoders
         await warm(20.0, 1)
@@ -381,8 +383,8 @@ async def throughput(
     seq = [1000]
     try:
         for rep in range(repeats):
-            # the switch-interval row is a diagnostic without a goal: one repeat
-            names_order = [n for n in runners if rep == 0 or n != SWITCH_MODE]
+            # the switch-interval and tensor rows are diagnostics without a goal: one repeat each
+            names_order = [n for n in runners if rep == 0 or n not in DIAGNOSTIC]
             random.Random(rep).shuffle(names_order)
             for name in names_order:
 
@@ -560,7 +562,7 @@ def report(res: dict[str, Any]) -> str:
         min) / median of those per-repeat ratios."""
         ratios = [
             (a["throughput"] if a else 0.0) / max(b["throughput"] if b else 0.0, 1e-9)
-            for (a, _), (b, _) in zip(tp[num], tp[den], strict=False)  # the switch row: its one repeat
+            for (a, _), (b, _) in zip(tp[num], tp[den], strict=False)  # a diagnostic row: its one repeat
         ]
         mid = statistics.median(ratios)
         return mid, (max(ratios) - min(ratios)) / mid if mid > 0 and len(ratios) > 1 else 0.0
@@ -570,7 +572,7 @@ def report(res: dict[str, Any]) -> str:
     verdict = ("yes" if ratio >= 0.8 else "no") + (
         f" (inside the {100 * noise:.0f}% spread of the per-repeat ratios: undecided)" if undecided else ""
     )
-    ratio_t, _ = paired("in process, JPEG bytes", "in process, tensors")
+    ratio_t, _ = paired("in process, JPEG bytes", TENSOR_MODE)
     ratio_switch, _ = paired(SWITCH_MODE, "in process, JPEG bytes")
     mem = res["memory"]
     pts = mem["points"]
