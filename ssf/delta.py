@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import re
 import struct
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ class Delta:
     site_scheme: str
     method: str
     labels: list[str]
-    sites: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    sites: Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # a dict, or ``PackedSites`` (``packed``)
     head: dict[str, torch.Tensor]
     preprocess: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -238,6 +238,62 @@ def parse_delta(data: bytes, max_bytes: int = MAX_DELTA_BYTES) -> Delta:
     )
 
 
+# -------------------------------------------------------------------------------------------- packing
+
+
+@dataclass(frozen=True)
+class SiteLayout:
+    """Where each site's channels sit in a packed delta: one layout per backbone, shared by all its tasks."""
+
+    paths: tuple[str, ...]
+    bounds: dict[str, tuple[int, int]]  # path -> (start, end) column
+    channels: int
+
+    @classmethod
+    def of(cls, sites: Sequence[Site]) -> SiteLayout:
+        bounds, start = {}, 0
+        for site in sites:
+            bounds[site.path] = (start, start + site.channels)
+            start += site.channels
+        return cls(tuple(bounds), bounds, start)
+
+
+class PackedSites(Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
+    """A delta's sites as one ``[2, channels]`` tensor (row 0 the scales, row 1 the shifts) in a shared
+    ``SiteLayout``; reading a site gives views into it. A server holding thousands of tasks keeps two
+    objects a task here instead of three a site: a full garbage collection walks every tracked object
+    with the interpreter held, and each small tensor costs its own allocation besides its data."""
+
+    __slots__ = ("flat", "layout")
+
+    def __init__(self, layout: SiteLayout, flat: torch.Tensor) -> None:
+        self.layout, self.flat = layout, flat
+
+    def __getitem__(self, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.layout.bounds[path]
+        return self.flat[0, start:end], self.flat[1, start:end]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layout.paths)
+
+    def __len__(self) -> int:
+        return len(self.layout.paths)
+
+
+def packed(delta: Delta, spec: BackboneSpec) -> Delta:
+    """``delta`` (checked against ``spec``) with its sites in one tensor (``PackedSites``); a head-only
+    delta as it is. The values are the same, bit for bit."""
+    if not delta.sites:
+        return delta
+    layout = spec.layout
+    flat = torch.empty(2, layout.channels)
+    for path, (start, end) in layout.bounds.items():
+        scale, shift = delta.sites[path]
+        flat[0, start:end] = scale
+        flat[1, start:end] = shift
+    return replace(delta, sites=PackedSites(layout, flat))
+
+
 # -------------------------------------------------------------------------------------- compatibility
 
 
@@ -264,6 +320,11 @@ class BackboneSpec:
             head_prefix=head_prefix(model),
             classifier_key=f"{key}.weight",
         )
+
+    @cached_property
+    def layout(self) -> SiteLayout:
+        """Where each site sits in a packed delta (``packed``)."""
+        return SiteLayout.of(self.sites)
 
     def head_shapes(self, num_classes: int) -> dict[str, tuple[int, ...]]:
         return _head_shapes(self.model, self.head_prefix, num_classes)

@@ -130,9 +130,11 @@ class Engine:
     def freeze_heap(self) -> None:
         """Move every object alive now (the backbone's modules, the libraries, the resident tasks) out of
         the garbage collector's reach: a full collection otherwise walks them all with the interpreter held,
-        stopping every thread (measured: 225 ms at 450,000 objects, 500 ms with 10,000 tasks). Called once
-        the stored tasks are resident; a bulk load afterwards may call it again. What is freed later (an
-        evicted task) is still freed by reference counting; only cycles among frozen objects stay."""
+        stopping every thread (measured: 225 ms at 450,000 objects). Called once the stored tasks are
+        resident; a bulk load afterwards may call it again. Tasks uploaded later are walked: their deltas
+        are packed (``ssf.packed``), about 14 objects a task, 1.3 ms a full collection with 1,000 of them.
+        What is freed later (an evicted task) is still freed by reference counting; only cycles among
+        frozen objects stay."""
         gc.collect()
         gc.freeze()
 

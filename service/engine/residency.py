@@ -99,7 +99,7 @@ class Residency:
                 f"{delta.num_classes} labels; this server allows at most {self.config.max_labels}",
                 code="too_many_labels",
             )
-        return delta
+        return ssf.packed(delta, self.spec)  # kept while resident: a few objects a task, not a few a site
 
     # ------------------------------------------------------------------------------- publishing
     async def install(self, delta: ssf.Delta) -> TaskEntry:

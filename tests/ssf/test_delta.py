@@ -68,6 +68,49 @@ def test_delta_folds_to_the_trained_model(trained: tuple[torch.nn.Module, Backbo
         assert torch.allclose(base(x), model(x), atol=1e-5)
 
 
+def test_packed_sites_hold_the_same_values_in_one_tensor(
+    trained: tuple[torch.nn.Module, BackboneSpec],
+) -> None:
+    model, spec = trained
+    delta = ssf.load_delta(ssf.delta_to_bytes(make_delta(model, spec)), spec)
+    packed = ssf.packed(delta, spec)
+    assert isinstance(packed.sites, ssf.PackedSites)
+    assert list(packed.sites) == [s.path for s in spec.sites]  # the spec's order
+    assert len(packed.sites) == len(delta.sites)
+    for path, (scale, shift) in delta.sites.items():
+        got_scale, got_shift = packed.sites[path]
+        assert torch.equal(got_scale, scale) and torch.equal(got_shift, shift)  # bit for bit
+        assert got_scale.untyped_storage().data_ptr() == packed.sites.flat.untyped_storage().data_ptr()
+    # the packed delta serialises to the same tensors and folds to the same model
+    again = safetensors.torch.load(ssf.delta_to_bytes(packed))
+    first = safetensors.torch.load(ssf.delta_to_bytes(delta))
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+    base = make("vit").state_dict()
+    sites = list(spec.sites)
+    a = ssf.fold_state_dict(base, sites, delta.sites, delta.head)
+    b = ssf.fold_state_dict(base, sites, packed.sites, packed.head)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # every task of a backbone shares one layout: a packed delta holds one tensor of its own for its sites
+    other = ssf.packed(ssf.load_delta(ssf.delta_to_bytes(make_delta(model, spec)), spec), spec)
+    assert other.sites.layout is packed.sites.layout  # type: ignore[attr-defined]
+    with pytest.raises(KeyError):
+        packed.sites["no.such.site"]
+
+
+def test_packing_keeps_a_head_only_delta_as_it_is(trained: tuple[torch.nn.Module, BackboneSpec]) -> None:
+    model, spec = trained
+    delta = ssf.delta_from_model(
+        model,
+        task="probe",
+        backbone=spec.model,
+        backbone_fingerprint=spec.fingerprint,
+        site_scheme="foldable",
+        labels=[str(i) for i in range(NUM_CLASSES)],
+        method="linear",
+    )
+    assert ssf.packed(delta, spec) is delta
+
+
 def _retensor(data: bytes, edit: Callable[[dict[str, torch.Tensor], dict[str, str]], None]) -> bytes:
     tensors = safetensors.torch.load(data)
     n = struct.unpack("<Q", data[:8])[0]
