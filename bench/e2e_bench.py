@@ -270,15 +270,21 @@ async def memory(
     with tempfile.TemporaryDirectory(prefix="ssf-bench-mem-") as tmp:
         config = EngineConfig(device="cpu", reconcile_interval_s=3600)
         engine = Engine(mt.MODEL, weights, open_store(tmp), config=config, pretrained=False)
-        await engine.start()
+        await engine.start()  # freezes the heap it starts with: what a full collection walks is added later
         gc.collect()
-        points = [(0, rss_bytes())]
+        points, objects0 = [(0, rss_bytes())], len(gc.get_objects())
         for i in range(n):
             d = mt.make_delta(spec, head, f"mem{i:05d}", 50_000 + i)
             await engine.add_task(ssf.delta_to_bytes(d), d.task, False)
             if (i + 1) % max(1, n // 10) == 0:
                 gc.collect()
                 points.append((i + 1, rss_bytes()))
+        objects = (len(gc.get_objects()) - objects0) / n  # tracked by the garbage collector, per task
+        full_gc_s = []
+        for _ in range(5):  # a full collection with the n uploaded tasks (not frozen) resident
+            start = time.perf_counter()
+            gc.collect()
+            full_gc_s.append(time.perf_counter() - start)
         entry = next(iter(engine.residency.entries.values()))
         sites = engine.backend.tables.sites
         row_bytes = (
@@ -296,6 +302,8 @@ async def memory(
         "head_bytes": head_bytes,
         "delta_cpu_bytes": delta_bytes,
         "capacity": capacity,
+        "gc_objects_per_task": objects,
+        "full_gc_s": statistics.median(full_gc_s),
     }
 
 
@@ -622,7 +630,12 @@ def report(res: dict[str, Any]) -> str:
         f"Measured RSS growth per task {per100 / 100:,.0f} bytes against the three resident parts "
         f"together, {mem['row_bytes'] + mem['head_bytes'] + mem['delta_cpu_bytes']:,} bytes: the parsed "
         "delta stays on the CPU next to the table rows so merged copies can be built, about doubling the "
-        f"footprint ({mem['capacity']} table rows allocated after {pts[-1][0]} tasks).",
+        f"footprint ({mem['capacity']} table rows allocated after {pts[-1][0]} tasks). The garbage "
+        f"collector tracks {mem['gc_objects_per_task']:.0f} objects per uploaded task (the delta's sites "
+        "packed into one tensor, `ssf.packed`, rather than two tensors a site); a full collection with the "
+        f"{pts[-1][0]} uploaded tasks resident took {mem['full_gc_s'] * 1e3:.1f} ms (median of 5; the engine "
+        "froze its heap at start, so this is what uploads after start add to every full collection, "
+        "which holds the interpreter).",
         "",
         f"### HTTP end to end against the in-process engine (highest rate with p99 <= "
         f"{mt.P99_TARGET_S * 1e3:.0f} ms, {TASKS} tasks, uniform)",

@@ -263,8 +263,8 @@ class NaiveTarget:
 async def build_engine(setup: Setup, weights: Path, copy_bytes: int, deltas: list[ssf.Delta]) -> Any:
     """An engine with every delta resident. Uploading 10,000 deltas through ``add_task`` (serialise,
     validate, store) would take minutes of the budget, so the rows go in directly: one call on the model
-    thread installs them all (``backend.install``, what an upload does after validating), then each
-    version is published. The in-memory store stays empty; nothing reads it during the runs."""
+    thread installs them all (``backend.install``, what an upload does after validating and packing),
+    then each version is published. The in-memory store stays empty; nothing reads it during the runs."""
     from service.engine.engine import Engine
     from service.engine.residency import TaskEntry
     from service.settings import EngineConfig
@@ -289,7 +289,8 @@ async def build_engine(setup: Setup, weights: Path, copy_bytes: int, deltas: lis
     await engine.start()
     gc.collect()
     rss0, start = rss_bytes(), time.perf_counter()
-    entries = [TaskEntry(stored=None, delta=d) for d in deltas]  # type: ignore[arg-type]
+    spec = engine.residency.spec  # packed as an upload's validation packs them
+    entries = [TaskEntry(stored=None, delta=ssf.packed(d, spec)) for d in deltas]  # type: ignore[arg-type]
     backend = engine.backend
 
     def install_all() -> None:
@@ -310,9 +311,9 @@ async def build_engine(setup: Setup, weights: Path, copy_bytes: int, deltas: lis
 
 # ---------------------------------------------------------------------------------------- the grid
 class GcPauses:
-    """Full (generation 2) garbage collections and how long each held the interpreter: with 10,000 tasks
-    resident the collector walks every task's tensors (about 160 objects a task), a pause of about a
-    second on this CPU that every request in flight waits through."""
+    """Full (generation 2) garbage collections and how long each held the interpreter (every request in
+    flight waits through one). The engine freezes the heap once the tasks are resident, so a collection
+    walks only what was made after that."""
 
     def __init__(self) -> None:
         self.pauses: list[float] = []
@@ -692,10 +693,10 @@ def setup_report(res: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, s
         lines += [
             "",
             f"Full garbage collections during the runs: {len(pauses)}, median "
-            f"{1e3 * statistics.median(pauses):.0f} ms, longest {1e3 * max(pauses):.0f} ms (the collector "
-            f"walks every resident task's tensors with the interpreter held); {failed} of the {hit} runs "
-            "that held one missed the target (the engine freezes the heap once the tasks are resident, "
-            "`Engine.freeze_heap`: what the collector still walks was made during the runs).",
+            f"{1e3 * statistics.median(pauses):.0f} ms, longest {1e3 * max(pauses):.0f} ms (each holds the "
+            f"interpreter); {failed} of the {hit} runs that held one missed the target (the engine freezes "
+            "the heap once the tasks are resident, `Engine.freeze_heap`: what the collector still walks was "
+            "made during the runs).",
         ]
     if misses:
         lines += ["", "Measured causes of the misses:", ""] + [f"- {m}" for m in misses]
