@@ -1,7 +1,7 @@
 """`make bench`: every CPU benchmark in sequence, then BENCHMARKS.md. Budget: 15 minutes on 2 cores (on a
-2-vCPU AMD EPYC host, 2026-12-01: engine_bench 2.4 min, compile_bench 1.1 (2.8 with a cold inductor cache,
-the first run on a machine), method_cost 1.9, many_tasks 7.2, e2e_bench 2.9, total 15.7; gpu_bench skips
-without CUDA).
+2-vCPU AMD EPYC host, 2026-12-01, two runs: engine_bench 2.1-2.2 min, compile_bench 0.9 (2.4 with a cold
+inductor cache, the first run on a machine), method_cost 1.6, many_tasks 5.0-6.2, e2e_bench 2.3, shadow_bench
+0.1, total 13.2-13.6; gpu_bench skips without CUDA).
 The wall time of each is printed at the end, so a run that outgrows the budget says which one did."""
 
 from __future__ import annotations
