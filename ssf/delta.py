@@ -245,8 +245,7 @@ def parse_delta(data: bytes, max_bytes: int = MAX_DELTA_BYTES) -> Delta:
 class SiteLayout:
     """Where each site's channels sit in a packed delta: one layout per backbone, shared by all its tasks."""
 
-    paths: tuple[str, ...]
-    bounds: dict[str, tuple[int, int]]  # path -> (start, end) column
+    bounds: dict[str, tuple[int, int]]  # path -> (start, end) column, in the backbone's site order
     channels: int
 
     @classmethod
@@ -255,7 +254,7 @@ class SiteLayout:
         for site in sites:
             bounds[site.path] = (start, start + site.channels)
             start += site.channels
-        return cls(tuple(bounds), bounds, start)
+        return cls(bounds, start)
 
 
 class PackedSites(Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
@@ -274,10 +273,10 @@ class PackedSites(Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
         return self.flat[0, start:end], self.flat[1, start:end]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.layout.paths)
+        return iter(self.layout.bounds)
 
     def __len__(self) -> int:
-        return len(self.layout.paths)
+        return len(self.layout.bounds)
 
 
 def packed(delta: Delta, spec: BackboneSpec) -> Delta:
