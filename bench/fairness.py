@@ -126,8 +126,8 @@ def means_ms(before: Scrape, after: Scrape) -> dict[str, float]:
 
 
 def _load(t: Target, connections: int) -> loadgen.RemoteLoad:
-    """A generator process for ``t`` with ``connections`` keep-alive connections opened up front (a tenant's
-    client keeps a pool; a burst of connection setups would be the generator's artefact)."""
+    """A generator process for ``t`` with ``connections`` keep-alive connections open before each run (a
+    tenant's client keeps a pool; a burst of connection setups would be the generator's artefact)."""
     load = loadgen.RemoteLoad()
     path = f"/tasks/{t.task}/predict?top_k=1"
     auth = {"authorization": f"Bearer {t.token}"}

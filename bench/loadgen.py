@@ -374,8 +374,7 @@ async def serve_commands() -> None:
             pool = Pool(host, int(port))
             bodies = [bytes.fromhex(b) for b in s["bodies"]]
             raws = [build_request(host, p, bodies[b], ct, s.get("headers")) for p, ct, b in s["requests"]]
-            connections = s.get("connections", 0)
-            await pool.warm(connections)
+            connections = s.get("connections", 0)  # opened before each run (``Pool.warm``)
             out: dict[str, Any] = {"ok": True}
         elif "run" in cmd and pool is not None:
             c, p = cmd["run"], pool
@@ -438,7 +437,8 @@ class RemoteLoad:
         connections: int = 0,
     ) -> None:
         """The requests to cycle through: (path, content type, body); each distinct body is sent once.
-        ``headers`` go with every request (an Authorization header, say); ``connections`` are opened now."""
+        ``headers`` go with every request (an Authorization header, say); ``connections`` keep-alive
+        connections are open before each run starts."""
         index: dict[bytes, int] = {}
         rows = [[p, ct, index.setdefault(b, len(index))] for p, ct, b in requests]
         setup = {
