@@ -124,13 +124,6 @@ class EngineConfig(BaseModel):
         "share while other tenants are active: on a host where decoding shares the cores with the forward, "
         "it keeps that tenant from slowing the others' decoding (bench/fairness.py); 0 = no difference",
     )
-    decode_between_forwards: Literal["auto", "on", "off"] = Field(
-        default="auto",
-        description="decode images only while no forward runs: a decode thread beside a CPU forward takes a "
-        "core from one of its threads and every parallel op waits for that thread (2 cores, paired HTTP "
-        "runs: forward per image 5.65 against 7.5 ms). auto = on for a CPU device whose forward uses every "
-        "core (torch_threads 0 or at least the cores), off on CUDA and when torch_threads leaves cores free",
-    )
     cuda_graphs: bool = Field(
         default=True,
         description="on CUDA, replay the mixed path's trunk as CUDA graphs (one per padded power-of-two "

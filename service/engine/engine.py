@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import gc
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -114,7 +113,6 @@ class Engine:
         await self._follower.start()  # every stored task resident (a registry that is down: retried)
         example = torch.zeros(2, *self.preprocess.config["input_size"])
         await self.workers.on_model(self.backend.warmup, example)
-        self.workers.decode_between_forwards = self._decode_between_forwards()
         self.scheduler = Scheduler(
             self.config,
             self._run_batch,
@@ -123,21 +121,11 @@ class Engine:
             merged_cached=self.backend.merged_cached,
             grouped_path=None if self.backend.mixes else self.backend.single_task_path,
             one_task_path=self.backend.single_task_path,
-            gate=self.workers,
         )
         self.scheduler.start()
         self.freeze_heap()
         self.ready = True
         log.info("engine ready: %s, %d tasks resident", self.model_name, len(self.residency.entries))
-
-    def _decode_between_forwards(self) -> bool:
-        """``SSF_DECODE_BETWEEN_FORWARDS``; auto: on for a CPU device whose forward runs on every core."""
-        choice = self.config.decode_between_forwards
-        if choice != "auto":
-            return choice == "on"
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        threads = self.config.torch_threads or self._loop_threads
-        return self.backend.device.type == "cpu" and threads >= cores
 
     def freeze_heap(self) -> None:
         """Move every object alive now (the backbone's modules, the libraries, the resident tasks) out of

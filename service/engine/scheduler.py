@@ -33,16 +33,13 @@ shares the lane ``-``) nothing differs from plain arrival order and one queue bo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
@@ -115,14 +112,6 @@ class CostModel:
         return self.merge_s <= saved
 
 
-class DecodeGate(Protocol):
-    """What the scheduler asks of the engine's decoding (``service.engine.workers.Workers``)."""
-
-    decode_between_forwards: bool  # decoding waits while a batch runs
-
-    def forward_alone(self) -> AbstractAsyncContextManager[None]: ...
-
-
 # run(path, items) executes on the model thread: each item's logits and the merge seconds it took
 BatchRunner = Callable[[BatchPath, list[Pending]], BatchRun]
 
@@ -137,11 +126,8 @@ class Scheduler:
         merged_cached: Callable[[TaskEntry], bool],
         grouped_path: BatchPath | None = None,
         one_task_path: BatchPath = "merged",
-        gate: DecodeGate | None = None,
     ) -> None:
         self.config, self.runner, self.executor, self.metrics = config, runner, executor, metrics
-        self.gate = gate  # decoding that waits while a batch runs (``Workers``), or None
-        self._gap_until = 0.0  # decode_between_forwards: the end of the decoding gap after the last batch
         self.merged_cached = merged_cached
         self.grouped_path = grouped_path  # set when the backend cannot mix: every batch holds one task
         self.one_task_path = one_task_path  # a mixing backend's path for a one-task batch (its merged copy)
@@ -283,9 +269,7 @@ class Scheduler:
             self._take(items)
             self.busy = True
             try:
-                async with self.gate.forward_alone() if self.gate else contextlib.nullcontext():
-                    ran, outs = await loop.run_in_executor(self.executor, self._timed_run, path, items)
-                self._gap_until = time.monotonic() + self.config.max_queue_delay_ms / 1000
+                ran, outs = await loop.run_in_executor(self.executor, self._timed_run, path, items)
             except Exception as e:  # a bug in a forward: answer this batch's requests, keep serving
                 log.exception("batch on path %s failed", path)
                 for p in items:
@@ -307,15 +291,9 @@ class Scheduler:
                     )
 
     async def _gather_company(self) -> None:
-        """Wait until a batch is full or the oldest request has waited ``max_queue_delay_ms``. When decoding
-        waits while a batch runs (``DecodeGate``), the requests that arrived meanwhile are decoding now: the
-        next batch also waits for them, up to ``max_queue_delay_ms`` after the last batch ended (else the
-        batch would hold only the few decoded while it was held, and every batch after it as few)."""
-        delay = self.config.max_queue_delay_ms / 1000
+        """Wait until a batch is full or the oldest request has waited ``max_queue_delay_ms``."""
+        until = self.queue[0].enqueued + self.config.max_queue_delay_ms / 1000
         while self.images_waiting < self.config.max_batch_size:
-            until = self.queue[0].enqueued + delay
-            if self.gate is not None and self.gate.decode_between_forwards and self.images_admitted > 0:
-                until = max(until, self._gap_until)
             remaining = until - time.monotonic()
             if remaining <= 0:
                 return

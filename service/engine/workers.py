@@ -8,25 +8,17 @@ request waiting behind all of them (the fair share in the scheduler comes after 
 tenant holding more than half of its queue share while others are active decodes on a thread of its own at a
 lower CPU priority (``over_share_nice``): on a host where decoding shares the cores with the forward, the
 tenant beyond its share no longer slows the others' decoding.
-
-On a CPU device whose forward's threads take every core, decoding waits while a forward runs
-(``Workers.forward_alone``, ``SSF_DECODE_BETWEEN_FORWARDS``): a decode thread beside the forward takes a core
-from one of its OpenMP threads, and every parallel op then waits at its barrier for the thread that lost its
-core, so a decode costs the forward far more than its own CPU time (measured on 2 cores: ssf_demo_vit's
-forward per image 5.65 against 7.5 ms with decoding beside it, paired HTTP runs). Decodes run in the gaps: the
-scheduler gathering company, and whenever no decoded request waits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import sys
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -73,11 +65,9 @@ class FairSlots:
         self.waiting: dict[str, deque[asyncio.Future[None]]] = {}
         self.served: dict[str, int] = {}  # tenant -> the hand-out count when it last got a slot
         self.count = 0
-        self.paused = False  # no slot is handed out (``pause``)
-        self._drained: asyncio.Future[None] | None = None  # resolved when a pause's last job has finished
 
     async def run(self, tenant: str, job: Callable[[], Awaitable[T]]) -> T:
-        if self.running < self.slots and not self.waiting and not self.paused:
+        if self.running < self.slots and not self.waiting:
             self.running += 1
             self._mark(tenant)
         else:
@@ -100,28 +90,7 @@ class FairSlots:
         if len(self.served) > 4 * (len(self.waiting) + self.slots) + 64:  # bounded by the tenants seen lately
             self.served = {t: n for t, n in self.served.items() if t in self.waiting or n > self.count - 64}
 
-    async def pause(self) -> None:
-        """Hand out no slot until ``resume``; returns once the jobs already running have finished."""
-        self.paused = True
-        if self.running:
-            self._drained = asyncio.get_running_loop().create_future()
-            await self._drained
-
-    def resume(self) -> None:
-        """Hand out slots again, to the waiters, in the usual order."""
-        self.paused, self._drained = False, None
-        while self.running < self.slots and self._hand_out():
-            self.running += 1
-
     def _release(self) -> None:
-        if not self.paused and self._hand_out():  # the finished job's slot passes to a waiter
-            return
-        self.running -= 1
-        if self.running == 0 and self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
-
-    def _hand_out(self) -> bool:
-        """Give a slot to the waiter of the tenant served longest ago; False when none waits."""
         while self.waiting:
             tenant = min(self.waiting, key=lambda t: self.served.get(t, 0))
             queue = self.waiting[tenant]
@@ -131,39 +100,21 @@ class FairSlots:
             if not slot.done():  # a waiter cancelled meanwhile is skipped
                 self._mark(tenant)
                 slot.set_result(None)
-                return True
-        return False
+                return
+        self.running -= 1
 
 
 class Workers:
-    def __init__(self, cpu_threads: int = 2, over_share_nice: int = 0, decode_between_forwards: bool = False):
+    def __init__(self, cpu_threads: int = 2, over_share_nice: int = 0) -> None:
         self.model = ThreadPoolExecutor(1, thread_name_prefix="ssf-model")
         self.cpu = ThreadPoolExecutor(cpu_threads, "ssf-cpu", initializer=single_threaded)
         self.decoding = FairSlots(cpu_threads)
-        self.slots = [self.decoding]  # every decoding pool's slots (``forward_alone`` pauses them all)
         self.over_share: ThreadPoolExecutor | None = None  # Linux only: elsewhere nice is per process
         if over_share_nice and sys.platform == "linux":
             self.over_share = ThreadPoolExecutor(
                 1, "ssf-over-share", initializer=single_threaded, initargs=(over_share_nice,)
             )
             self.over_share_decoding = FairSlots(1)
-            self.slots.append(self.over_share_decoding)
-        self.decode_between_forwards = decode_between_forwards
-
-    @contextlib.asynccontextmanager
-    async def forward_alone(self) -> AsyncIterator[None]:
-        """Around a forward (the scheduler's batch): with ``decode_between_forwards``, no decode starts
-        until it ends, and it starts once the decodes already running have finished."""
-        if not self.decode_between_forwards:
-            yield
-            return
-        try:
-            for slots in self.slots:
-                await slots.pause()
-            yield
-        finally:
-            for slots in self.slots:
-                slots.resume()
 
     async def on_model(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.model, fn, *args)

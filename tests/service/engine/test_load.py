@@ -23,13 +23,7 @@ from tests.helpers.real_engine import probs, run, vit_engine
 TASKS, REQUESTS, REPLACED = 12, 96, (0, 5)
 
 
-@pytest.mark.parametrize("decoding", ["off", "on"])
-def test_zipf_traffic_with_replaces_answers_every_request_from_its_own_version(
-    weights_dir: Path, decoding: str
-) -> None:
-    """``decoding``: SSF_DECODE_BETWEEN_FORWARDS. Off, requests decode beside the forwards and the hot
-    task's pile up to fill merged batches, so both paths answer; on, decoding waits for each forward and
-    the queue holds little more than the next batch."""
+def test_zipf_traffic_with_replaces_answers_every_request_from_its_own_version(weights_dir: Path) -> None:
     models = {(i, 1): make_task(FAMILY, seed=200 + i) for i in range(TASKS)}
     models.update({(i, 2): make_task(FAMILY, seed=300 + i) for i in REPLACED})
     batch = images(1, seed=11)
@@ -57,12 +51,10 @@ def test_zipf_traffic_with_replaces_answers_every_request_from_its_own_version(
         assert {r.version for i, r in zip(picks, results, strict=True) if i == 0} == {1, 2}
         sample = engine.metrics.registry.get_sample_value
         assert sample("ssf_engine_batches_total", {"path": "mixed"}) >= 1
-        if decoding == "off":  # the hot task filled batches
-            assert (sample("ssf_engine_batches_total", {"path": "merged"}) or 0) >= 1
+        assert sample("ssf_engine_batches_total", {"path": "merged"}) >= 1  # the hot task filled batches
         assert sample("ssf_engine_tasks_per_batch_sum") > sample("ssf_engine_tasks_per_batch_count")
 
-    config = {"max_batch_size": 8, "merged_min_batch": 4, "max_queue_delay_ms": 20}
-    run(vit_engine(weights_dir, decode_between_forwards=decoding, **config), scenario)
+    run(vit_engine(weights_dir, max_batch_size=8, merged_min_batch=4, max_queue_delay_ms=20), scenario)
 
 
 def test_torch_threads_bounds_the_forward_and_the_decoding_threads(weights_dir: Path) -> None:
