@@ -8,6 +8,13 @@ request waiting behind all of them (the fair share in the scheduler comes after 
 tenant holding more than half of its queue share while others are active decodes on a thread of its own at a
 lower CPU priority (``over_share_nice``): on a host where decoding shares the cores with the forward, the
 tenant beyond its share no longer slows the others' decoding.
+
+Decoding runs beside the forward, not between forwards. Holding it while a batch runs was tried on 2 cores
+(ssf_demo_vit, 10 tasks, paired HTTP servers): a decode thread beside the forward takes a core from one of
+its OpenMP threads, so held decoding made the forward 10-25% cheaper per image (5.3-5.8 against 6.5-7.6 ms),
+but the held decodes then sat on the model's critical path (the next batch must wait for them, or it holds
+only the few decoded meanwhile) and near capacity the server served less: 116-137 against 137-151 img/s at
+the p99 target, and 1 of 5 paired windows at 155 img/s met it against 5 of 5.
 """
 
 from __future__ import annotations
