@@ -422,17 +422,27 @@ async def throughput(
             rate = statistics.median(b["rate"] for b in bests)
             seconds = 2.0 if quick else 3.0
             server_names, own_names = thread_names(server.proc.pid), thread_names(os.getpid())
+            busy0 = await asyncio.to_thread(model_seconds_http, server.url)
             cpu0 = thread_cpu_s(server.proc.pid, server_names)
             r = await load.run(rate, seconds, 555, mt.P99_TARGET_S)
             cpu1 = thread_cpu_s(server.proc.pid, server_names)
+            http_busy = await asyncio.to_thread(model_seconds_http, server.url) - busy0
             http_cpu = {k: 1e3 * (cpu1[k] - cpu0[k]) / max(r["sent"], 1) for k in cpu0}
             http_cpu["load generator (own process)"] = 1e3 * r["client_cpu_s"] / max(r["sent"], 1)
             await asyncio.sleep(0.3)
+            busy0 = model_seconds(engine.metrics.registry.collect())
             cpu0 = thread_cpu_s(os.getpid(), own_names)
             r2 = await loadgen.open_loop(inproc_bytes, rate, seconds, 556, mt.P99_TARGET_S)
             cpu1 = thread_cpu_s(os.getpid(), own_names)
+            await mt.drain(engine)
+            own_busy = model_seconds(engine.metrics.registry.collect()) - busy0
             own_cpu = {k: 1e3 * (cpu1[k] - cpu0[k]) / max(r2["sent"], 1) for k in cpu0}
             results["_threads"] = {"rate": rate, "http": http_cpu, "inproc": own_cpu, "seconds": seconds}
+            # the model's forward seconds per answered image at that one rate, in each process
+            results["_threads"]["forward_ms"] = {
+                "http": 1e3 * http_busy / max(r["done"], 1),
+                "inproc": 1e3 * own_busy / max(r2["done"], 1),
+            }
             prof_dir = Path(tempfile.mkdtemp(prefix="ssf-bench-prof-"))
             seconds = 2.0 if quick else 4.0
             server_spy = spy(server.proc.pid, seconds, prof_dir / "server.txt")
@@ -705,6 +715,14 @@ def report(res: dict[str, Any]) -> str:
             f"| total | {sum(h.values()):.2f} | {sum(i.values()):.2f} | "
             f"{sum(h.values()) - sum(i.values()):+.2f} |"
         )
+        fwd = threads.get("forward_ms")
+        if fwd:
+            lines += [
+                "",
+                f"The model's forwards in the same runs (`ssf_engine_batch_seconds` per answered image): "
+                f"{fwd['http']:.2f} ms an image in the HTTP server against {fwd['inproc']:.2f} ms in process "
+                f"({fwd['http'] / max(fwd['inproc'], 1e-9):.2f}x).",
+            ]
     prof = tp.get("_profile")
     if prof:
         server = prof["server"]
@@ -734,9 +752,21 @@ def report(res: dict[str, Any]) -> str:
             "lock that the model thread's Python (its op dispatch between kernels) and the decode pool "
             "need, so it delays forwards by more than its own CPU time (not measured apart here)."
         )
+        fwd = threads.get("forward_ms")
+        slower = fwd is not None and fwd["http"] > 1.03 * fwd["inproc"]
+        forward = (
+            f"at {threads['rate']:.0f} img/s (the HTTP row's rate) the forward itself took "
+            f"{fwd['http']:.2f} ms an image in the HTTP server against "
+            f"{fwd['inproc']:.2f} in process: the event loop's HTTP work runs on the two cores the forward's "
+            "OpenMP threads use, and each parallel op waits at its barrier for a thread that lost its core. "
+            "Besides, "
+            if fwd is not None and slower
+            else ""
+        )
         lines += [
             "",
             f"Goal missed: HTTP reached {ratio:.2f} of the in-process engine (goal 0.8). Measured cause: "
+            + forward
             + volume
             + f" With Python's default switch interval the server reached {ratio_switch:.2f} (one repeat).",
         ]
