@@ -1,7 +1,10 @@
 """`make bench`: every CPU benchmark in sequence, then BENCHMARKS.md. Budget: 15 minutes on 2 cores (on a
 2-vCPU AMD EPYC host, 2026-12-01, two runs: engine_bench 2.1-2.2 min, compile_bench 0.9 (2.4 with a cold
 inductor cache, the first run on a machine), method_cost 1.6, many_tasks 5.0-6.2, e2e_bench 2.3, shadow_bench
-0.1, total 13.2-13.6; gpu_bench skips without CUDA).
+0.1, total 13.2-13.6; gpu_bench skips without CUDA). A third run that evening, on a new machine of the
+same type (cold inductor cache), bare forwards 1.4-2.1x slower than in those two, merged/bare
+null control read up to 1.16: engine_bench 3.2, compile_bench 2.3, method_cost 2.4, many_tasks 7.3,
+e2e_bench 2.7, shadow_bench 0.2, total 18.2, over the budget by the host's speed.
 The wall time of each is printed at the end, so a run that outgrows the budget says which one did."""
 
 from __future__ import annotations
