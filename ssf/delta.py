@@ -285,7 +285,7 @@ def packed(delta: Delta, spec: BackboneSpec) -> Delta:
     if not delta.sites:
         return delta
     layout = spec.layout
-    flat = torch.empty(2, layout.channels)
+    flat = torch.empty(2, layout.channels, dtype=next(iter(delta.sites.values()))[0].dtype)
     for path, (start, end) in layout.bounds.items():
         scale, shift = delta.sites[path]
         flat[0, start:end] = scale

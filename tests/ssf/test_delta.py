@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from collections.abc import Callable
@@ -95,6 +96,11 @@ def test_packed_sites_hold_the_same_values_in_one_tensor(
     assert other.sites.layout is packed.sites.layout  # type: ignore[attr-defined]
     with pytest.raises(KeyError):
         packed.sites["no.such.site"]
+    # a delta made in half precision (delta_from_model on an fp16 model) packs in its own dtype
+    half = dataclasses.replace(delta, sites={p: (s.half(), b.half()) for p, (s, b) in delta.sites.items()})
+    packed_half = ssf.packed(half, spec)
+    assert all(torch.equal(packed_half.sites[p][0], s) for p, (s, _) in half.sites.items())
+    assert packed_half.sites.flat.dtype == torch.float16  # type: ignore[attr-defined]
 
 
 def _retensor(data: bytes, edit: Callable[[dict[str, torch.Tensor], dict[str, str]], None]) -> bytes:
