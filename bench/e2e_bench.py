@@ -748,19 +748,17 @@ def report(res: dict[str, Any]) -> str:
             if total_h > total_i
             else f"not the CPU volume: at the same rate a request costs {total_h:.2f} ms of CPU over HTTP "
             f"(server and load generator) against {total_i:.2f} ms in process. What grows over HTTP is "
-            f"{named or 'no thread by more than 0.05 ms'}: the event loop's work holds the interpreter "
-            "lock that the model thread's Python (its op dispatch between kernels) and the decode pool "
-            "need, so it delays forwards by more than its own CPU time (not measured apart here)."
+            f"{named or 'no thread by more than 0.05 ms'}, and that work runs on the cores the forward's "
+            "OpenMP threads use, so it delays forwards by more than its own CPU time."
         )
         fwd = threads.get("forward_ms")
-        slower = fwd is not None and fwd["http"] > 1.03 * fwd["inproc"]
         forward = (
             f"at {threads['rate']:.0f} img/s (the HTTP row's rate) the forward itself took "
             f"{fwd['http']:.2f} ms an image in the HTTP server against "
             f"{fwd['inproc']:.2f} in process: the event loop's HTTP work runs on the two cores the forward's "
             "OpenMP threads use, and each parallel op waits at its barrier for a thread that lost its core. "
             "Besides, "
-            if fwd is not None and slower
+            if fwd is not None and fwd["http"] > 1.03 * fwd["inproc"]
             else ""
         )
         lines += [
