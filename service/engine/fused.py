@@ -4,7 +4,9 @@ Three kinds of slot replace the forward of the module they sit on (an instance a
 ``Module.__call__`` keeps its fast path, where a forward hook costs more than the affine at batch 1):
 
 - ``AffineSlot``: ``y = op(x)`` then ``addcmul(shift, y, scale)`` in place with the batch's rows, which the
-  tables hand out already shaped for broadcasting (views made once per batch size on the CPU).
+  tables hand out already shaped for broadcasting (views made once per batch size on the CPU). A plain
+  Linear or Conv2d runs without its bias (``bias_free``), which the tables fold into the shift: the
+  multiply-add then replaces the bare op's bias add instead of adding a pass over the activation.
 - ``NormSlot``: an eval-mode BatchNorm and the SSF sites around it (the conv that feeds it, the norm's own
   site) are one per-channel affine per task, ``A = s1*a*s2, C = (t1*a + c)*s2 + t2`` (``a, c``: the norm's
   frozen statistics), stored per task in ``NormTables``. The slot runs ONE ``batch_norm`` with those rows
@@ -59,6 +61,28 @@ def foldable_layer_norm(module: nn.Module) -> bool:
         and getattr(module, "bias", None) is not None
         and not getattr(module, "_fast_norm", False)  # timm's fast_norm path: left to the generic slot
     )
+
+
+class _BiasFree:
+    """A Linear's or Conv2d's forward without its bias (the weight read at each call, as in its own)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.linear = type(module) is nn.Linear
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m: Any = self.module
+        if self.linear:
+            return F.linear(x, m.weight)
+        return m._conv_forward(x, m.weight, None)  # type: ignore[no-any-return]
+
+
+def bias_free(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The op without its bias, for a plain ``nn.Linear`` or ``nn.Conv2d`` with one (a subclass's forward may
+    do more than the bias add, so it keeps its own): the tables fold the bias into the site's shift."""
+    if type(module) not in (nn.Linear, nn.Conv2d) or getattr(module, "bias", None) is None:
+        return None
+    return _BiasFree(module)
 
 
 def plan_norms(model: nn.Module, sites: list[ssf.Site], example: torch.Tensor) -> dict[str, ssf.Site | None]:

@@ -23,6 +23,7 @@ from service.engine.fused import (
     LayerNormSlot,
     NormSlot,
     NormTables,
+    bias_free,
     foldable_layer_norm,
     split_fused,
 )
@@ -48,6 +49,7 @@ class SiteTables:
         dtype: torch.dtype,
         capacity: int = 8,
         folded: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        biases: dict[str, torch.Tensor] | None = None,
     ):
         self.sites = sites
         self.device, self.dtype = device, dtype
@@ -59,9 +61,20 @@ class SiteTables:
             p: (w.detach().to(device, dtype), b.detach().to(device, dtype))
             for p, (w, b) in (folded or {}).items()
         }
+        # {path: bias} of the Linear/Conv sites whose op runs without its bias: their shift columns hold
+        # ``scale*bias + shift`` (see ``_row``)
+        self.biases = {p: b.detach().to(device, dtype) for p, b in (biases or {}).items()}
         ones = [self.folded[s.path][0] if s.path in self.folded else torch.ones(s.channels) for s in sites]
-        zeros = [self.folded[s.path][1] if s.path in self.folded else torch.zeros(s.channels) for s in sites]
-        # the identity row: the bare backbone (scale 1 and shift 0; a folded norm's own weight and bias)
+        zeros = [
+            self.folded[s.path][1]
+            if s.path in self.folded
+            else self.biases[s.path]
+            if s.path in self.biases
+            else torch.zeros(s.channels)
+            for s in sites
+        ]
+        # the identity row: the bare backbone (scale 1 and shift 0; a folded norm's own weight and bias; a
+        # bias-free op's bias)
         empty = torch.zeros(0, device=device, dtype=dtype)
         self.identity_scale = torch.cat([t.to(device, dtype) for t in ones]) if sites else empty
         self.identity_shift = torch.cat([t.to(device, dtype) for t in zeros]) if sites else empty
@@ -106,7 +119,11 @@ class SiteTables:
         A folded norm's columns hold its affine with the site folded in (``ssf.fold``: ``scale*weight``,
         ``scale*bias + shift``), so a one-task batch runs the norm with that row as its own weight and bias
         and the site costs no op at all (``LayerNormSlot``); a mixed batch normalizes with weight 1 and bias
-        0 and applies the gathered rows as any site does."""
+        0 and applies the gathered rows as any site does.
+
+        A Linear or Conv site in ``biases`` runs its op without the bias (``fused.bias_free``) and its shift
+        column holds ``scale*bias + shift``: the bias add, a pass over the activation that the bare op makes
+        too, becomes the site's own multiply-add, so the site costs the bare op little more."""
         if not sites:
             return 0
         if not self.free:
@@ -130,9 +147,12 @@ class SiteTables:
     def _row(
         self, site: ssf.Site, pair: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if site.path not in self.folded:
-            return pair
         p = site.path
+        if p in self.biases:
+            scale, shift = (t.detach().to(torch.float64).reshape(-1) for t in pair)
+            return scale, scale * self.biases[p].to(scale) + shift
+        if p not in self.folded:
+            return pair
         weight, bias = self.folded[p]
         folded = ssf.fold.fold_site({f"{p}.weight": weight, f"{p}.bias": bias}, site, *pair)
         return folded[f"{p}.weight"], folded[f"{p}.bias"]
@@ -291,11 +311,15 @@ class MixedModel:
         self.sites = sites
         plan, rest = split_fused(model, sites, device, dtype) if fuse_norms else ({}, sites)
         folded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        ops: dict[str, Any] = {}  # Linear/Conv sites run without their bias, which their shift columns hold
         for s in rest:  # LayerNorm sites: one-task batches run the norm with the folded row (LayerNormSlot)
-            norm = model.get_submodule(s.path)
-            if s.fold == "affine" and s.apply_at == s.path and foldable_layer_norm(norm):
-                folded[s.path] = (norm.weight, norm.bias)  # type: ignore[assignment]
-        self.tables = SiteTables(rest, device, dtype, folded=folded)
+            module = model.get_submodule(s.path)
+            if s.fold == "affine" and s.apply_at == s.path and foldable_layer_norm(module):
+                folded[s.path] = (module.weight, module.bias)  # type: ignore[assignment]
+            elif s.fold == "weight_out" and s.apply_at == s.path and (op := bias_free(module)) is not None:
+                ops[s.path] = op
+        biases = {p: model.get_submodule(p).bias for p in ops}
+        self.tables = SiteTables(rest, device, dtype, folded=folded, biases=biases)  # type: ignore[arg-type]
         if plan:
             self.tables.norms = NormTables(model, plan, device, dtype, self.tables.capacity)
             for path in plan:
@@ -307,7 +331,8 @@ class MixedModel:
             if site.path in folded:
                 module.forward = LayerNormSlot(module, i, self.tables)
             else:
-                module.forward = AffineSlot(module.forward, i, site.channel_dim, self.tables)
+                op = ops.get(site.path, module.forward)
+                module.forward = AffineSlot(op, i, site.channel_dim, self.tables)
         self.heads = HeadRunner(model)
         self.linear_head = linear_head_keys(model)
         # what runs ``trunk`` instead of calling it: CUDA graphs (service.engine.cuda_graphs) or the compiled

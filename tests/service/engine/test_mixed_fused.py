@@ -69,3 +69,41 @@ def test_released_row_answers_as_the_bare_backbone_on_fused_norms() -> None:
     identity.row, identity.head = row, {k: v for k, v in backend.base.items() if k.startswith("classifier.")}
     (got,) = backend.run_mixed(x, [(identity, 1), (entries[0], 1)])[:1]
     assert (got - bare[:1]).abs().max() <= 1e-4 * max(1.0, float(bare.abs().max()))
+
+
+def test_linear_and_conv_sites_run_without_their_bias_which_the_shift_columns_hold() -> None:
+    """A plain Linear or Conv2d site runs its op without the bias, and its shift column holds
+    ``scale*bias + shift``: the bias add the bare op makes becomes the site's multiply-add instead of one
+    more pass over the activation. The identity row (and a released one) holds the bias itself."""
+    from torch.profiler import ProfilerActivity, profile
+
+    plain = make("vit")
+    backend = TorchBackend(
+        plain, ssf.find_sites(plain), torch.device("cpu"), torch.float32, 1 << 30, EngineMetrics()
+    )
+    model = tuned("vit", 0)
+    e = entry("vit", model, "t0")
+    backend.install(e)
+    tables = backend.tables
+    biased = [
+        s for s in tables.sites if type(plain.get_submodule(s.path)) in (torch.nn.Linear, torch.nn.Conv2d)
+    ]
+    assert {type(plain.get_submodule(s.path)) for s in biased} == {torch.nn.Linear, torch.nn.Conv2d}
+    for s in biased:
+        bias = plain.get_submodule(s.path).bias
+        scale, shift = (t.reshape(-1) for t in e.delta.sites[s.path])
+        assert torch.allclose(tables.shift[s.path][0], bias)
+        assert torch.allclose(tables.shift[s.path][e.row], scale * bias + shift, atol=1e-6)
+        assert torch.equal(tables.scale[s.path][e.row], scale)
+    x = torch.randn(3, *ssf.sites.input_size(plain), generator=torch.Generator().manual_seed(2))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        (got,) = backend.run_mixed(x, [(e, 3)])
+    counts = {ev.key: ev.count for ev in prof.key_averages()}
+    assert counts.get("aten::addmm", 0) == 1  # the task's head; every Linear site ran as a plain product
+    with torch.no_grad():
+        want = ssf.merge_model(model)(x)
+    assert (got - want).abs().max() <= 1e-4 * max(1.0, float(want.abs().max()))
+    row = e.row
+    backend.release(e)
+    for s in biased:
+        assert torch.equal(tables.shift[s.path][row], tables.shift[s.path][0])
