@@ -349,8 +349,9 @@ def causes(
             + ", ".join(f"{r['model']} b{r['batch']} {r['mixed']:.2f}" for r in missed)
             + f"); in {len(noisy)} of them the 25th percentile of the per-round ratios is within "
             "the goal, i.e. the miss is inside this host's run-to-run spread. What the fused path still "
-            "adds is one `addcmul` per SSF site and its Python call (in a one-task batch, per site that "
-            "is not a LayerNorm: those run as the norm's own affine; about "
+            "adds is one `addcmul` per SSF site and its Python call (a Linear or Conv2d site runs without "
+            "its bias, which its shift row holds, so there the multiply-add replaces the bare op's bias "
+            "add; in a one-task batch a LayerNorm site runs as the norm's own affine; about "
             f"{per_site} per site at batch 1 on test_vit in this run's profile below, fastest runs), and "
             "for a mixed batch one gather per table: a fixed cost per op at small batches, an extra pass "
             "over each site's activation at large ones, so a larger share the smaller the model "
