@@ -85,6 +85,23 @@ def bias_free(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | Non
     return _BiasFree(module)
 
 
+def bias_free_ops(
+    model: nn.Module, sites: list[ssf.Site]
+) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """{path: the op without its bias} of the sites whose tables fold the op's bias into their shift: a plain
+    Linear or Conv2d site applied at its own output."""
+    ops = {}
+    for s in sites:
+        op = (
+            bias_free(model.get_submodule(s.path))
+            if s.fold == "weight_out" and s.apply_at == s.path
+            else None
+        )
+        if op is not None:
+            ops[s.path] = op
+    return ops
+
+
 def plan_norms(model: nn.Module, sites: list[ssf.Site], example: torch.Tensor) -> dict[str, ssf.Site | None]:
     """{norm path: the conv site it absorbs (or None)} for every BatchNorm site that can be fused, from one
     traced forward with temporary hooks."""

@@ -23,7 +23,7 @@ from service.engine.fused import (
     LayerNormSlot,
     NormSlot,
     NormTables,
-    bias_free,
+    bias_free_ops,
     foldable_layer_norm,
     split_fused,
 )
@@ -311,15 +311,12 @@ class MixedModel:
         self.sites = sites
         plan, rest = split_fused(model, sites, device, dtype) if fuse_norms else ({}, sites)
         folded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        ops: dict[str, Any] = {}  # Linear/Conv sites run without their bias, which their shift columns hold
         for s in rest:  # LayerNorm sites: one-task batches run the norm with the folded row (LayerNormSlot)
-            module = model.get_submodule(s.path)
-            if s.fold == "affine" and s.apply_at == s.path and foldable_layer_norm(module):
-                folded[s.path] = (module.weight, module.bias)  # type: ignore[assignment]
-            elif s.fold == "weight_out" and s.apply_at == s.path and (op := bias_free(module)) is not None:
-                ops[s.path] = op
-        biases = {p: model.get_submodule(p).bias for p in ops}
-        self.tables = SiteTables(rest, device, dtype, folded=folded, biases=biases)  # type: ignore[arg-type]
+            norm = model.get_submodule(s.path)
+            if s.fold == "affine" and s.apply_at == s.path and foldable_layer_norm(norm):
+                folded[s.path] = (norm.weight, norm.bias)  # type: ignore[assignment]
+        ops = bias_free_ops(model, rest)  # Linear/Conv sites without their bias, which the shift rows hold
+        self.tables = SiteTables(rest, device, dtype, folded=folded, biases=biases_of(model, ops))
         if plan:
             self.tables.norms = NormTables(model, plan, device, dtype, self.tables.capacity)
             for path in plan:
@@ -390,6 +387,11 @@ def run_heads(
         out.append(functional_call(heads, params, (trunk[start : start + n],)))
         start += n
     return out
+
+
+def biases_of(model: nn.Module, ops: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """{path: bias} of the modules whose ops run without it (``fused.bias_free_ops``)."""
+    return {p: model.get_submodule(p).bias for p in ops}  # type: ignore[misc]
 
 
 def linear_head_keys(model: nn.Module) -> tuple[str, str] | None:

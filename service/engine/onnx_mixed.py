@@ -2,7 +2,8 @@
 
 The graph is the plain backbone with ``y * scale + shift`` after each SSF site's op, where ``scale`` and
 ``shift`` are that site's columns of two graph inputs, ``scale_rows`` and ``shift_rows`` (``[batch, sum of
-the sites' channels]``: each sample's row of the site tables, which the backend gathers). An eval-mode
+the sites' channels]``: each sample's row of the site tables, which the backend gathers). A plain Linear or
+Conv2d site's op runs without its bias, which its shift column holds, as in the torch mixed path. An eval-mode
 BatchNorm and the conv site feeding it run as one per-sample affine ``x * A + C`` (the norm's statistics and
 both sites composed per task, as the torch mixed path's ``NormSlot`` does), whose rows are two more inputs,
 ``norm_a`` and ``norm_c``: a conv+BN pair costs one Mul and one Add, not the five ops of the sites around an
@@ -29,8 +30,8 @@ from timm.layers import BatchNormAct2d
 from torch import nn
 
 import ssf
-from service.engine.fused import NormTables, split_fused
-from service.engine.mixed import HeadRunner, SiteTables, linear_head_keys, run_heads
+from service.engine.fused import NormTables, bias_free_ops, split_fused
+from service.engine.mixed import HeadRunner, SiteTables, biases_of, linear_head_keys, run_heads
 from service.engine.onnx_graph import OPSET, OnnxExportError, new_session
 from service.engine.residency import TaskEntry
 
@@ -101,11 +102,19 @@ class _Trunk(nn.Module):
         return feats  # type: ignore[no-any-return]
 
 
-def export_mixed(model: nn.Module, sites: list[ssf.Site], norms: dict[str, int], pre_logits: bool) -> bytes:
+def export_mixed(
+    model: nn.Module,
+    sites: list[ssf.Site],
+    norms: dict[str, int],
+    pre_logits: bool,
+    ops: dict[str, Callable[..., torch.Tensor]] | None = None,
+) -> bytes:
     """The mixed graph (inputs ``INPUTS``, output ``features``, batch dynamic), checked against the torch
     forward it was traced from. ``sites``: the ones applied as ``y * scale + shift``, in their columns' order;
     ``norms``: {path: channels} of the fused BatchNorms in theirs (the conv sites they absorb have no op of
-    their own). ``model`` is left as it was."""
+    their own); ``ops``: {path: op} of the sites whose op runs without its bias (``fused.bias_free_ops``:
+    their shift columns hold it). ``model`` is left as it was."""
+    ops = ops or {}
     cols, norm_cols = _Columns([s.channels for s in sites]), _Columns(list(norms.values()))
     # eval before exporting: the exporter restores the mode it found, and a new module's is training (it
     # would leave every BatchNorm of the backbone in training mode)
@@ -114,9 +123,14 @@ def export_mixed(model: nn.Module, sites: list[ssf.Site], norms: dict[str, int],
     saved: list[tuple[nn.Module, Any]] = []
     try:
         slots: list[tuple[str, Any]] = [
-            (s.apply_at, lambda m, i=i, s=s: _Slot(type(m).forward.__get__(m), i, s.channel_dim, cols))
+            (
+                s.apply_at,
+                lambda m, i=i, s=s: _Slot(
+                    ops.get(s.path, type(m).forward.__get__(m)), i, s.channel_dim, cols
+                ),
+            )
             for i, s in enumerate(sites)
-        ]  # a site's op: the class's own forward, whatever is patched on the module
+        ]  # a site's op: the bias-free op or the class's own forward, whatever is patched on the module
         slots += [
             (path, lambda m, i=i: _NormSlot(i, m.act if isinstance(m, BatchNormAct2d) else None, norm_cols))
             for i, path in enumerate(norms)
@@ -184,11 +198,12 @@ class MixedSession:
         self.heads = HeadRunner(model)
         cpu = torch.device("cpu")
         plan, rest = split_fused(model, sites, cpu, torch.float32)
-        self.tables = SiteTables(rest, cpu, torch.float32)
+        ops = bias_free_ops(model, rest)  # Linear/Conv sites without their bias, which the shift rows hold
+        self.tables = SiteTables(rest, cpu, torch.float32, biases=biases_of(model, ops))
         self.norms = NormTables(model, plan, cpu, torch.float32, self.tables.capacity) if plan else None
         self.tables.norms = self.norms
         channels = {p: int(model.get_submodule(p).num_features) for p in plan}  # type: ignore[arg-type]
-        self.session = new_session(export_mixed(model, rest, channels, self.linear_head is not None))
+        self.session = new_session(export_mixed(model, rest, channels, self.linear_head is not None, ops))
 
     def _inputs(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self.tables.gather(rows)

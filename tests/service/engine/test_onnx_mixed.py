@@ -56,6 +56,30 @@ def test_the_mixed_graph_matches_the_folded_reference(family: str) -> None:
     assert entries[0].row == 0 and backend.mixed.tables.rows_used == 2
 
 
+def test_the_mixed_graph_runs_linear_and_conv_sites_without_their_bias() -> None:
+    """As in the torch mixed path, a plain Linear or Conv2d site's op is exported without its bias (no bias in
+    the graph) and its shift column holds it: the identity row is the bias, and answers the bare model."""
+    import onnx
+
+    plain = make("vit")
+    sites = ssf.find_sites(plain)
+    biased = [s for s in sites if type(plain.get_submodule(s.path)) in (torch.nn.Linear, torch.nn.Conv2d)]
+    mixed = onnx_mixed.MixedSession(plain, sites)
+    for s in biased:
+        assert torch.equal(mixed.tables.shift[s.path][0], plain.get_submodule(s.path).bias.detach())
+    graph = onnx.load_from_string(
+        onnx_mixed.export_mixed(plain, mixed.tables.sites, {}, True, onnx_mixed.bias_free_ops(plain, sites))
+    ).graph
+    initializers = {i.name for i in graph.initializer}  # the exporter names them after the trunk's modules
+    assert "model.blocks.0.norm1.bias" in initializers  # a LayerNorm keeps its bias
+    assert not [n for s in biased if (n := f"model.{s.path}.bias") in initializers]
+    x = torch.randn(2, *ssf.sites.input_size(plain), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = plain.forward_head(plain.forward_features(x), pre_logits=True)
+    got = torch.from_numpy(onnx_mixed.run(mixed.session, *mixed._inputs(x, torch.zeros(2, dtype=torch.long))))
+    assert (got - want).abs().max() <= 1e-4 * max(1.0, float(want.abs().max()))
+
+
 def test_a_backbone_the_mixed_graph_cannot_be_exported_for_keeps_per_task_sessions(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
