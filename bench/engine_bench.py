@@ -135,7 +135,7 @@ def setup(
 
 
 def bench_model(
-    model_name: str, batches: tuple[int, ...], budget_s: float, with_onnx: bool, max_reps: int = 21
+    model_name: str, batches: tuple[int, ...], budget_s: float, with_onnx: bool, max_reps: int = 101
 ) -> tuple[list[dict[str, Any]], float]:
     """Rows per batch; each batch gets about ``budget_s / len(batches)`` seconds of repetitions (at least 5,
     at most ``max_reps``). Also returns the bytes one resident task's rows take in this model's tables."""
@@ -429,7 +429,7 @@ def main(quick: bool = False) -> None:
     rows, row_bytes = [], {}
     for name, batches, budget, with_onnx in QUICK if quick else FULL:
         model_rows, row_bytes[name] = bench_model(
-            name, batches, budget, with_onnx, max_reps=5 if quick else 21
+            name, batches, budget, with_onnx, max_reps=5 if quick else 101
         )
         rows += model_rows
     merge_models = (
