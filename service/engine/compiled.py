@@ -1,10 +1,12 @@
 """The mixed path's shared trunk through ``torch.compile`` (``SSF_TORCH_COMPILE``).
 
-Eagerly, every SSF site is one more pass over its activation (an ``addcmul`` after the op that produced
-it) and one more Python call, which a small model at a small batch feels. Inductor fuses each site's
+Eagerly, every SSF site is an ``addcmul`` after the op that produced it and one more Python call (a
+Linear's or Conv2d's in place of its bias add; a LayerNorm's in a mixed batch, one more pass over the
+activation), which a small model at a small batch feels. Inductor fuses each site's
 gather-affine into the neighbouring elementwise kernels (the bias add, GELU, the residual add,
-LayerNorm). Measured on CPU (BENCHMARKS.md, torch.compile section): ssf_demo_vit's mixed path 1.02-1.07x
-the eager bare backbone at batch 1-64, against 1.08-1.16x eager.
+LayerNorm). Measured on CPU (BENCHMARKS.md, torch.compile section; one run on a 2-core host):
+ssf_demo_vit's compiled mixed path 0.85-0.98x the eager bare backbone at batch 1-64, against 0.96-1.08x
+eager (the bare backbone compiled: 0.78-1.01x).
 
 One compile with dynamic batch size (``dynamic=True``), done by the warm-up before the server is ready:
 batch 1 (which torch specialises) and batch 2 (the dynamic graph), about 10-30 s each on 2 CPU cores.
