@@ -62,8 +62,8 @@ class SiteTables:
             for p, (w, b) in (folded or {}).items()
         }
         # {path: bias} of the Linear/Conv sites whose op runs without its bias: their shift columns hold
-        # ``scale*bias + shift`` (see ``_row``)
-        self.biases = {p: b.detach().to(device, dtype) for p, b in (biases or {}).items()}
+        # ``scale*bias + shift`` (see ``_row``; float64 on the CPU: a half-precision table rounds once)
+        self.biases = {p: b.detach().to("cpu", torch.float64) for p, b in (biases or {}).items()}
         ones = [self.folded[s.path][0] if s.path in self.folded else torch.ones(s.channels) for s in sites]
         zeros = [
             self.folded[s.path][1]

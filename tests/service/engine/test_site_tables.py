@@ -75,3 +75,17 @@ def test_gathers_of_changing_batch_sizes_read_their_own_rows() -> None:
             scale, _ = tables.rows_for(i, -1, x)
             want = torch.tensor([1.0 if r == 0 else r + 1.0 for r in order]).view(-1, 1, 1).expand_as(scale)
             assert torch.equal(scale, want), order
+
+
+def test_a_bias_folded_site_rounds_once_into_a_half_precision_table() -> None:
+    """A site whose op runs without its bias holds ``scale*bias + shift`` in its shift column, computed from
+    the float32 bias and rounded once into the table's dtype (not from a bias already rounded to it)."""
+    g = torch.Generator().manual_seed(0)
+    bias = torch.randn(64, generator=g) * 3
+    scale, shift = 1 + torch.randn(64, generator=g) * 0.1, torch.randn(64, generator=g) * 1e-3
+    tables = SiteTables([site("a", 64)], torch.device("cpu"), torch.bfloat16, biases={"a": bias})
+    assert torch.equal(tables.shift["a"][0], bias.to(torch.bfloat16))  # the identity row: the bare op
+    row = tables.add({"a": (scale, shift)})
+    want = (scale.double() * bias.double() + shift.double()).to(torch.bfloat16)
+    assert torch.equal(tables.shift["a"][row], want)
+    assert torch.equal(tables.scale["a"][row], scale.to(torch.bfloat16))
