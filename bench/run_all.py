@@ -4,7 +4,8 @@ inductor cache, the first run on a machine), method_cost 1.6, many_tasks 5.0-6.2
 0.1, total 13.2-13.6; gpu_bench skips without CUDA). A third run that evening, on a new machine of the
 same type (cold inductor cache), bare forwards 1.4-2.1x slower than in those two, merged/bare
 null control read up to 1.16: engine_bench 3.2, compile_bench 2.3, method_cost 2.4, many_tasks 7.3,
-e2e_bench 2.7, shadow_bench 0.2, total 18.2, over the budget by the host's speed.
+e2e_bench 2.7, shadow_bench 0.2, total 18.2, over the budget by the host's speed. On a 2-vCPU Intel Xeon
+host (2026-12-02): 18.4 min with a cold inductor cache, 17.5 min the next run (many_tasks 7.4 of it).
 The wall time of each is printed at the end, so a run that outgrows the budget says which one did."""
 
 from __future__ import annotations

@@ -63,12 +63,17 @@ def foldable_layer_norm(module: nn.Module) -> bool:
     )
 
 
-class _BiasFree:
+class BiasFree:
     """A Linear's or Conv2d's forward without its bias (the weight read at each call, as in its own)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self.linear = type(module) is nn.Linear
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """The bias the op leaves out (the site tables fold it into the shift)."""
+        return self.module.bias  # type: ignore[return-value]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m: Any = self.module
@@ -77,28 +82,23 @@ class _BiasFree:
         return m._conv_forward(x, m.weight, None)  # type: ignore[no-any-return]
 
 
-def bias_free(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def bias_free(module: nn.Module) -> BiasFree | None:
     """The op without its bias, for a plain ``nn.Linear`` or ``nn.Conv2d`` with one (a subclass's forward may
     do more than the bias add, so it keeps its own): the tables fold the bias into the site's shift."""
     if type(module) not in (nn.Linear, nn.Conv2d) or getattr(module, "bias", None) is None:
         return None
-    return _BiasFree(module)
+    return BiasFree(module)
 
 
-def bias_free_ops(
-    model: nn.Module, sites: list[ssf.Site]
-) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+def bias_free_ops(model: nn.Module, sites: list[ssf.Site]) -> dict[str, BiasFree]:
     """{path: the op without its bias} of the sites whose tables fold the op's bias into their shift: a plain
     Linear or Conv2d site applied at its own output."""
     ops = {}
     for s in sites:
-        op = (
-            bias_free(model.get_submodule(s.path))
-            if s.fold == "weight_out" and s.apply_at == s.path
-            else None
-        )
-        if op is not None:
-            ops[s.path] = op
+        if s.fold == "weight_out" and s.apply_at == s.path:
+            op = bias_free(model.get_submodule(s.path))
+            if op is not None:
+                ops[s.path] = op
     return ops
 
 

@@ -68,9 +68,7 @@ class SiteTables:
         zeros = [
             self.folded[s.path][1]
             if s.path in self.folded
-            else self.biases[s.path]
-            if s.path in self.biases
-            else torch.zeros(s.channels)
+            else self.biases.get(s.path, torch.zeros(s.channels))
             for s in sites
         ]
         # the identity row: the bare backbone (scale 1 and shift 0; a folded norm's own weight and bias; a
@@ -316,7 +314,9 @@ class MixedModel:
             if s.fold == "affine" and s.apply_at == s.path and foldable_layer_norm(norm):
                 folded[s.path] = (norm.weight, norm.bias)  # type: ignore[assignment]
         ops = bias_free_ops(model, rest)  # Linear/Conv sites without their bias, which the shift rows hold
-        self.tables = SiteTables(rest, device, dtype, folded=folded, biases=biases_of(model, ops))
+        self.tables = SiteTables(
+            rest, device, dtype, folded=folded, biases={p: op.bias for p, op in ops.items()}
+        )
         if plan:
             self.tables.norms = NormTables(model, plan, device, dtype, self.tables.capacity)
             for path in plan:
@@ -387,11 +387,6 @@ def run_heads(
         out.append(functional_call(heads, params, (trunk[start : start + n],)))
         start += n
     return out
-
-
-def biases_of(model: nn.Module, ops: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """{path: bias} of the modules whose ops run without it (``fused.bias_free_ops``)."""
-    return {p: model.get_submodule(p).bias for p in ops}  # type: ignore[misc]
 
 
 def linear_head_keys(model: nn.Module) -> tuple[str, str] | None:

@@ -30,8 +30,8 @@ from timm.layers import BatchNormAct2d
 from torch import nn
 
 import ssf
-from service.engine.fused import NormTables, bias_free_ops, split_fused
-from service.engine.mixed import HeadRunner, SiteTables, biases_of, linear_head_keys, run_heads
+from service.engine.fused import BiasFree, NormTables, bias_free_ops, split_fused
+from service.engine.mixed import HeadRunner, SiteTables, linear_head_keys, run_heads
 from service.engine.onnx_graph import OPSET, OnnxExportError, new_session
 from service.engine.residency import TaskEntry
 
@@ -107,7 +107,7 @@ def export_mixed(
     sites: list[ssf.Site],
     norms: dict[str, int],
     pre_logits: bool,
-    ops: dict[str, Callable[..., torch.Tensor]] | None = None,
+    ops: dict[str, BiasFree] | None = None,
 ) -> bytes:
     """The mixed graph (inputs ``INPUTS``, output ``features``, batch dynamic), checked against the torch
     forward it was traced from. ``sites``: the ones applied as ``y * scale + shift``, in their columns' order;
@@ -199,7 +199,7 @@ class MixedSession:
         cpu = torch.device("cpu")
         plan, rest = split_fused(model, sites, cpu, torch.float32)
         ops = bias_free_ops(model, rest)  # Linear/Conv sites without their bias, which the shift rows hold
-        self.tables = SiteTables(rest, cpu, torch.float32, biases=biases_of(model, ops))
+        self.tables = SiteTables(rest, cpu, torch.float32, biases={p: op.bias for p, op in ops.items()})
         self.norms = NormTables(model, plan, cpu, torch.float32, self.tables.capacity) if plan else None
         self.tables.norms = self.norms
         channels = {p: int(model.get_submodule(p).num_features) for p in plan}  # type: ignore[arg-type]
