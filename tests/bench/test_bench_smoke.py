@@ -112,3 +112,22 @@ def test_many_tasks_goals_pair_each_repeat_with_the_single_task_and_name_a_miss_
     lines, [(_, _, result, met)] = many_tasks.setup_report(res)
     assert not met and result.startswith("0.88 ")
     assert "inside the spread of repeats here (17%)" in "\n".join(lines)  # 0.875 * 1.17 >= 0.90
+
+
+@pytest.mark.timeout(300)
+def test_bias_free_bench_quick_compares_folded_against_kept_biases() -> None:
+    """The comparison is what it says: the 'kept' backend's tables fold no bias, the served one's do, and
+    the quick report has every cell of both tables."""
+    from functools import partial
+
+    from bench import bias_free_bench, engine_bench
+    from service.engine import mixed
+
+    torch.set_num_threads(1)
+    served, *_ = engine_bench.setup("test_vit", 2)
+    kept, *_ = bias_free_bench.without_bias_folding(partial(engine_bench.setup, "test_vit", 2), mixed)
+    assert served.tables.biases and not kept.tables.biases
+    text = bias_free_bench.main(quick=True)
+    for b in (1, 8):
+        assert f"| test_vit | {b} | 5 |" in text
+    assert text.count("| test_vit |") == 4  # two torch rows, two ONNX rows
